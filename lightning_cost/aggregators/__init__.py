@@ -1,0 +1,70 @@
+"""The 13 multi-task methods the paper compares (Sec. 5), one module each, and a registry.
+
+``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from lightning_cost.aggregators.base import (
+    AggregationError,
+    Aggregator,
+    GramianAggregator,
+    LossWeighting,
+    check_jacobian,
+    check_losses,
+)
+
+#: name -> (module, class). Modules are imported lazily so that solver back-ends
+#: (cvxpy for Nash-MTL) are only imported when that method is used.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "ls": ("lightning_cost.aggregators.ls", "LinearScalarization"),
+    "si": ("lightning_cost.aggregators.si", "ScaleInvariant"),
+    "rlw": ("lightning_cost.aggregators.rlw", "RLW"),
+    "dwa": ("lightning_cost.aggregators.dwa", "DWA"),
+    "uw": ("lightning_cost.aggregators.uw", "UncertaintyWeighting"),
+    "mgda": ("lightning_cost.aggregators.mgda", "MGDA"),
+    "graddrop": ("lightning_cost.aggregators.graddrop", "GradDrop"),
+    "pcgrad": ("lightning_cost.aggregators.pcgrad", "PCGrad"),
+    "cagrad": ("lightning_cost.aggregators.cagrad", "CAGrad"),
+    "imtl": ("lightning_cost.aggregators.imtl", "IMTLG"),
+    "nashmtl": ("lightning_cost.aggregators.nash_mtl", "NashMTL"),
+    "famo": ("lightning_cost.aggregators.famo", "FAMO"),
+    "fairgrad": ("lightning_cost.aggregators.fairgrad", "FairGrad"),
+}
+_ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw"}
+
+AVAILABLE = tuple(_REGISTRY)
+
+
+def _key(name: str) -> str:
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise KeyError(f"unknown multi-task method {name!r}; available: {', '.join(AVAILABLE)}")
+    return key
+
+
+def aggregator_class(name: str) -> type:
+    """The class registered under ``name``."""
+    module, cls = _REGISTRY[_key(name)]
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_aggregator(name: str, **hparams) -> Aggregator | LossWeighting:
+    """Build a method by name with its hyper-parameters (paper defaults when omitted)."""
+    return aggregator_class(name)(**hparams)
+
+
+__all__ = [
+    "AVAILABLE",
+    "AggregationError",
+    "Aggregator",
+    "GramianAggregator",
+    "LossWeighting",
+    "aggregator_class",
+    "build_aggregator",
+    "check_jacobian",
+    "check_losses",
+]

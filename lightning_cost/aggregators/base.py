@@ -1,0 +1,119 @@
+"""Base classes shared by every multi-task method.
+
+Two families, as in the paper's Sec. 5 list of baselines:
+
+* :class:`Aggregator`: a method that acts on the per-task gradients of the shared
+  parameters. It maps the ``K x P`` Jacobian ``J`` (row ``i`` is ``g_i``) to one
+  update direction ``d`` of length ``P`` via :meth:`Aggregator.aggregate`, usable
+  outside Lightning.
+* :class:`GramianAggregator`: an aggregator whose update is a linear combination
+  ``d = J^T w`` of the task gradients, with ``w`` a function of the Gramian
+  ``G = J J^T`` only (:meth:`GramianAggregator.weights`). The ``K x K`` Gramian is
+  all the solver ever sees, so the solve costs the same for any ``P``.
+* :class:`LossWeighting`: a method that only re-weights the task losses
+  (LS, SI, RLW, DWA, UW, FAMO). It needs no Jacobian: the training objective is
+  :meth:`LossWeighting.forward` of the ``K`` losses and one ordinary backward
+  gives every gradient.
+
+Every method is an ``nn.Module`` so that its state (DWA's loss history, FAMO's
+logits, UW's log-variances) travels with the LightningModule's checkpoint.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["AggregationError", "Aggregator", "GramianAggregator", "LossWeighting", "check_jacobian", "check_losses"]
+
+
+class AggregationError(RuntimeError):
+    """A method could not produce an update (e.g. its solver failed).
+
+    Raised instead of silently falling back to equal weights. The multi-task
+    mixin catches it, logs a warning and skips the optimizer step.
+    """
+
+
+def check_jacobian(jacobian: Tensor) -> None:
+    """Validate a ``K x P`` Jacobian: 2-D, ``K >= 2``, ``P >= 1``, finite."""
+    if not isinstance(jacobian, Tensor):
+        raise TypeError(f"jacobian must be a torch.Tensor, got {type(jacobian).__name__}")
+    if jacobian.ndim != 2:
+        raise ValueError(f"jacobian must have shape [K, P] (one row per task), got shape {tuple(jacobian.shape)}")
+    k, p = jacobian.shape
+    if k < 2:
+        raise ValueError(f"multi-task aggregation needs at least 2 tasks, got K={k}")
+    if p < 1:
+        raise ValueError("jacobian has no columns (P=0): there are no shared parameters")
+    if not torch.isfinite(jacobian).all():
+        bad = (~torch.isfinite(jacobian)).any(dim=1).nonzero().flatten().tolist()
+        raise ValueError(f"jacobian has non-finite entries in the rows of tasks {bad}")
+
+
+def check_losses(losses: Tensor) -> None:
+    """Validate a vector of ``K >= 2`` finite task losses."""
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"losses must be a torch.Tensor, got {type(losses).__name__}")
+    if losses.ndim != 1:
+        raise ValueError(f"losses must have shape [K], got shape {tuple(losses.shape)}")
+    if losses.shape[0] < 2:
+        raise ValueError(f"multi-task weighting needs at least 2 tasks, got K={losses.shape[0]}")
+    if not torch.isfinite(losses).all():
+        raise ValueError(f"losses must be finite, got {losses.detach().tolist()}")
+
+
+class Aggregator(nn.Module, ABC):
+    """A method that maps the per-task gradients ``J`` (``K x P``) to one direction."""
+
+    #: Whether the training core must compute the per-task Jacobian for this method.
+    requires_jacobian: bool = True
+
+    @abstractmethod
+    def aggregate(self, jacobian: Tensor) -> Tensor:
+        """Return the update direction (length ``P``) for the Jacobian ``[K, P]``."""
+
+    def forward(self, jacobian: Tensor) -> Tensor:
+        return self.aggregate(jacobian)
+
+
+class GramianAggregator(Aggregator):
+    """An aggregator with ``d = J^T w`` and ``w = weights(J J^T)``."""
+
+    @abstractmethod
+    def weights(self, gramian: Tensor) -> Tensor:
+        """Return the ``K`` task weights from the ``K x K`` Gramian ``G = J J^T``."""
+
+    def aggregate(self, jacobian: Tensor) -> Tensor:
+        check_jacobian(jacobian)
+        gramian = jacobian @ jacobian.T
+        w = self.weights(gramian)
+        return w.to(jacobian.dtype) @ jacobian
+
+
+class LossWeighting(nn.Module, ABC):
+    """A method that scalarises the ``K`` task losses; it needs no Jacobian."""
+
+    requires_jacobian: bool = False
+
+    @abstractmethod
+    def forward(self, losses: Tensor) -> Tensor:
+        """Return the scalar training objective for the ``K`` task losses."""
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d objective / d L_k`` at ``losses`` (detached): the weight each task's gradient gets."""
+        x = losses.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (w,) = torch.autograd.grad(self.forward(x), x)
+        return w.detach()
+
+    def observe(self, losses: Tensor) -> None:
+        """Called once per optimizer step with the (globally averaged, detached) task losses.
+
+        Stateful methods (FAMO) update their state here; the default does nothing.
+        """
+
+    def on_epoch_end(self) -> None:
+        """Called at the end of each training epoch (DWA uses it); the default does nothing."""
