@@ -1,3 +1,8 @@
 """lightning-cost: COST symmetry teleportation and multi-task aggregators for PyTorch Lightning."""
 
 __version__ = "0.1.0"
+
+from lightning_cost.mixin import MultiTaskMixin
+from lightning_cost.protocol import MultiTaskModule, StepRecord
+
+__all__ = ["MultiTaskMixin", "MultiTaskModule", "StepRecord", "__version__"]

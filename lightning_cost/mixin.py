@@ -1,0 +1,379 @@
+"""The multi-task core: a LightningModule mixin that owns per-task gradients and aggregation.
+
+Usage::
+
+    class Net(MultiTaskMixin, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.trunk = ...
+            self.heads = nn.ModuleDict(...)
+            self.configure_multitask(tasks=["left", "right"], shared=self.trunk, method="fairgrad")
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            z = self.trunk(x)
+            return {"left": F.cross_entropy(self.heads["left"](z), y[:, 0]),
+                    "right": F.cross_entropy(self.heads["right"](z), y[:, 1])}
+
+``training_step`` returns the K task losses, as a mapping ``{task name: scalar}`` (keys must be
+exactly the configured task names) or as a ``[K]`` tensor in task order. The mixin turns them
+into the update:
+
+* **Loss weightings** (LS, SI, RLW, DWA, UW, FAMO) with no Jacobian requested: the method's
+  scalar objective is returned and Lightning does one ordinary backward. No Jacobian is paid for.
+* **Gradient aggregators** (MGDA, PCGrad, ..., or any method when the teleport callback has
+  requested the Jacobian): the exact per-task gradients are computed with K vector-Jacobian
+  products over one graph (``torch.autograd.grad`` with ``retain_graph``), giving the ``K x P``
+  Jacobian ``J`` of the shared parameters and each task's gradient of the other parameters.
+  Under DDP ``J`` is averaged over ranks (an ``all_reduce``), so every rank aggregates the same
+  global Jacobian and takes the same decision. The aggregator turns ``J`` into the shared
+  direction ``d``; task-specific parameters get ``sum_k c_k grad L_k`` (``c_k = 1`` for gradient
+  aggregators, the method's loss weights for loss weightings).
+
+  These gradients are handed to Lightning through a *linear surrogate*
+  ``S = sum_p <p, G_p>`` (``G_p`` detached), returned from ``training_step``. Its gradient is
+  exactly ``G_p``, so Lightning's own backward places the update in ``.grad``: gradient
+  accumulation divides it by the number of micro-batches, fp16 loss scaling scales and
+  unscales it, DDP's reducer averages it over ranks (shared directions are identical on every
+  rank, so they are unchanged). No ``.grad`` is written by hand, so ranks cannot drift
+  (NOTES.md sec. 5). The surrogate's backward costs a few element-wise ops, not a pass through
+  the network. The value returned is the method's objective (for display); only its gradient is
+  the surrogate's.
+
+Non-finite losses or gradients: the step is skipped with a warning and the weights are left
+untouched. With a fp16 ``GradScaler`` the non-finite gradients are handed to the scaler instead,
+which skips the step and lowers its scale, as in ordinary mixed-precision training.
+
+An aggregator that cannot produce an update (:class:`AggregationError`, e.g. a failed solve)
+also skips the step with a warning; ``mtl_skipped_steps`` counts skipped steps.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cost.aggregators import AggregationError, Aggregator, LossWeighting, build_aggregator
+from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_
+from lightning_cost.protocol import StepRecord
+
+__all__ = ["MultiTaskMixin"]
+
+log = logging.getLogger(__name__)
+
+
+def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+class MultiTaskMixin:
+    """Turns a LightningModule with a shared part and K task heads into a multi-task trainer.
+
+    Put it *before* ``LightningModule`` in the bases and call :meth:`configure_multitask` in
+    ``__init__``. Implements :class:`lightning_cost.protocol.MultiTaskModule`.
+    """
+
+    # ------------------------------------------------------------------ configuration
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        user_hook = cls.__dict__.get("on_before_optimizer_step")
+        if user_hook is not None and not getattr(user_hook, "_mtl_wrapped", False):
+
+            @functools.wraps(user_hook)
+            def on_before_optimizer_step(self: MultiTaskMixin, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+                MultiTaskMixin.on_before_optimizer_step(self, optimizer)
+                return user_hook(self, optimizer, *args, **kwargs)
+
+            on_before_optimizer_step._mtl_wrapped = True  # type: ignore[attr-defined]
+            cls.on_before_optimizer_step = on_before_optimizer_step  # type: ignore[method-assign]
+
+        user_step = cls.__dict__.get("training_step")
+        if user_step is None or getattr(user_step, "_mtl_wrapped", False):
+            return
+
+        @functools.wraps(user_step)
+        def training_step(self: MultiTaskMixin, *args: Any, **kwargs: Any) -> Any:
+            if getattr(self, "_mtl_inside_step", False):  # nested call (super() or evaluate_task_losses)
+                return user_step(self, *args, **kwargs)
+            return self._mtl_training_step(user_step, *args, **kwargs)
+
+        training_step._mtl_wrapped = True  # type: ignore[attr-defined]
+        cls.training_step = training_step  # type: ignore[method-assign]
+
+    def configure_multitask(
+        self,
+        tasks: Sequence[str],
+        shared: nn.Module | Iterable[nn.Parameter],
+        method: str | Aggregator | LossWeighting = "ls",
+        **hparams: Any,
+    ) -> None:
+        """Declare the tasks, the shared parameters and the multi-task method.
+
+        Args:
+            tasks: the K task names (K >= 2), the keys ``training_step`` returns.
+            shared: the shared module (all its parameters) or an iterable of shared parameters.
+                They must be parameters of this module.
+            method: a registry name (``lightning_cost.aggregators.AVAILABLE``) or a method instance.
+            **hparams: hyper-parameters for the method when ``method`` is a name.
+        """
+        if not isinstance(self, nn.Module):
+            raise TypeError("MultiTaskMixin must be mixed into a LightningModule (an nn.Module)")
+        tasks = list(tasks)
+        if len(tasks) < 2:
+            raise ValueError(f"multi-task training needs at least 2 tasks, got {tasks}")
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"task names must be unique, got {tasks}")
+        shared_params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
+        if not shared_params:
+            raise ValueError("no shared parameters were given")
+        ids = {id(p) for p in shared_params}
+        names = [n for n, p in self.named_parameters() if id(p) in ids]
+        if len(names) != len(ids):
+            raise ValueError("every shared parameter must be a parameter of this module")
+        if isinstance(method, str):
+            method = build_aggregator(method, **hparams)
+        elif hparams:
+            raise ValueError("hyper-parameters can only be given with a method name")
+        if not isinstance(method, (Aggregator, LossWeighting)):
+            raise TypeError(f"method must be an Aggregator or a LossWeighting, got {type(method).__name__}")
+        self.task_names: list[str] = tasks
+        self._mtl_shared_names: list[str] = names
+        self.mtl_method = method  # a submodule: its state is checkpointed, UW's parameters are trained
+        self.mtl_step: StepRecord | None = None
+        self.mtl_skipped_steps = 0
+        self._mtl_jacobian_requested = False
+        self._mtl_inside_step = False
+        self._mtl_silent = False
+        self._mtl_epoch_seen: int | None = None
+        self._mtl_drop_grads = False
+
+    # ------------------------------------------------------------------ protocol
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The shared parameters, in a fixed order (the column order of the Jacobian)."""
+        named = dict(self.named_parameters())  # type: ignore[attr-defined]
+        return [named[n] for n in self._mtl_shared_names]
+
+    def request_jacobian(self, enabled: bool = True) -> None:
+        """Compute the per-task Jacobian every step even when the method does not need it."""
+        self._mtl_jacobian_requested = bool(enabled)
+
+    @property
+    def needs_jacobian(self) -> bool:
+        return bool(self.mtl_method.requires_jacobian or self._mtl_jacobian_requested)
+
+    def evaluate_task_losses(self, batch: Any, batch_idx: int = 0) -> Tensor:
+        """The ``[K]`` task losses of ``training_step`` on ``batch``, differentiable, with logging muted."""
+        self._mtl_inside_step, self._mtl_silent = True, True
+        try:
+            out = self.training_step(batch, batch_idx)  # type: ignore[attr-defined]
+        finally:
+            self._mtl_inside_step, self._mtl_silent = False, False
+        return self._mtl_stack(out)
+
+    def log(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102 - LightningModule.log, muted during evaluations
+        if not getattr(self, "_mtl_silent", False):
+            super().log(*args, **kwargs)  # type: ignore[misc]
+
+    def log_dict(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        if not getattr(self, "_mtl_silent", False):
+            super().log_dict(*args, **kwargs)  # type: ignore[misc]
+
+    # ------------------------------------------------------------------ the step
+    def _mtl_stack(self, out: Any) -> Tensor:
+        if isinstance(out, Mapping):
+            keys = set(out)
+            if keys != set(self.task_names):
+                raise ValueError(
+                    f"training_step must return exactly the task losses {self.task_names}; got keys {sorted(keys)}"
+                )
+            losses = [out[t] for t in self.task_names]
+            for t, v in zip(self.task_names, losses):
+                if not isinstance(v, Tensor) or v.numel() != 1:
+                    raise ValueError(f"the loss of task {t!r} must be a scalar tensor, got {v!r}")
+            return torch.stack([v.reshape(()).float() for v in losses])
+        if isinstance(out, Tensor):
+            if out.ndim != 1 or out.shape[0] != len(self.task_names):
+                raise ValueError(
+                    f"training_step returned a tensor of shape {tuple(out.shape)}; expected [{len(self.task_names)}]"
+                )
+            return out.float()
+        raise TypeError(
+            "a MultiTaskMixin training_step must return a mapping {task: loss} or a [K] tensor, "
+            f"got {type(out).__name__}"
+        )
+
+    def _mtl_scaler(self) -> Any:
+        trainer = getattr(self, "_trainer", None)
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+
+    def _mtl_training_step(self, user_step: Any, *args: Any, **kwargs: Any) -> Tensor | None:
+        self._mtl_inside_step = True
+        try:
+            losses = self._mtl_stack(user_step(self, *args, **kwargs))
+        finally:
+            self._mtl_inside_step = False
+        method = self.mtl_method
+        epoch = int(getattr(self, "current_epoch", 0)) if getattr(self, "_trainer", None) is not None else 0
+        if self._mtl_epoch_seen is not None and epoch != self._mtl_epoch_seen and isinstance(method, LossWeighting):
+            method.on_epoch_end()
+        self._mtl_epoch_seen = epoch
+        if self.needs_jacobian:
+            return self._mtl_jacobian_step(losses)
+        return self._mtl_weighting_step(losses)
+
+    def _mtl_skip(self, record: StepRecord, why: str) -> None:
+        """Mark the step as skipped: the gradients are dropped before the optimizer step."""
+        record.skipped = True
+        self.mtl_step = record
+        self.mtl_skipped_steps += 1
+        self._mtl_drop_grads = True
+        log.warning("lightning_cost: skipping the optimizer step (weights untouched): %s", why)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Drops the gradients of a skipped step so that the optimizer leaves every weight untouched.
+
+        If you override this hook, it still runs first (the mixin wraps your override).
+        """
+        if getattr(self, "_mtl_drop_grads", False):
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._mtl_drop_grads = False
+
+    def _mtl_weighting_step(self, losses: Tensor) -> Tensor | None:
+        """Loss weighting without a Jacobian: one ordinary backward of the method's objective."""
+        method: LossWeighting = self.mtl_method  # type: ignore[assignment]
+        global_losses = all_reduce_mean(losses.detach())
+        record = StepRecord(losses=global_losses, finite=bool(torch.isfinite(global_losses).all()))
+        if not record.finite:
+            if self._mtl_scaler() is not None:  # let the GradScaler skip the step and lower its scale
+                self.mtl_step = record
+                return losses.sum()
+            self._mtl_skip(record, f"non-finite task losses {global_losses.tolist()}")
+            return (losses * 0.0).sum()  # a backward still runs (DDP needs it); its gradients are dropped
+        objective = method(losses)
+        method.observe(global_losses)
+        self.mtl_step = record
+        return objective
+
+    def _mtl_jacobian_step(self, losses: Tensor) -> Tensor | None:
+        shared = self.shared_parameters()
+        method_ids = {id(p) for p in self.mtl_method.parameters()}
+        shared_ids = {id(p) for p in shared}
+        others = [
+            p
+            for p in self.parameters()  # type: ignore[attr-defined]
+            if p.requires_grad and id(p) not in shared_ids and id(p) not in method_ids
+        ]
+        shared_trainable = [p for p in shared if p.requires_grad]
+        if not shared_trainable:
+            raise RuntimeError("no shared parameter requires grad: nothing to aggregate")
+        scaler = self._mtl_scaler()
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        inputs = shared_trainable + others
+        n_shared = len(shared_trainable)
+        k = losses.shape[0]
+        rows: list[Tensor] = []
+        other_grads: list[list[Tensor | None]] = []
+        for i in range(k):
+            grads = torch.autograd.grad(
+                losses[i] * scale if scale != 1.0 else losses[i],
+                inputs,
+                retain_graph=i < k - 1,
+                allow_unused=True,
+            )
+            rows.append(_flat(grads[:n_shared], shared_trainable))
+            other_grads.append(list(grads[n_shared:]))
+        jacobian = torch.stack(rows)
+        if scale != 1.0:
+            jacobian.div_(scale)
+        all_reduce_mean_(jacobian)
+        global_losses = all_reduce_mean(losses.detach())
+        record = StepRecord(losses=global_losses, jacobian=jacobian)
+        record.finite = bool(torch.isfinite(jacobian).all() and torch.isfinite(global_losses).all())
+
+        coeffs: Tensor
+        if not record.finite:
+            if scaler is None:
+                self._mtl_skip(record, "non-finite task losses or gradients")
+                return self._mtl_surrogate(shared_trainable, torch.zeros_like(jacobian[0]), others, None)
+            # Hand the non-finite sum to the GradScaler: it skips the step and lowers its scale.
+            direction = jacobian.sum(0)
+            coeffs = torch.ones(k, device=jacobian.device)
+        elif isinstance(self.mtl_method, LossWeighting):
+            coeffs = self.mtl_method.loss_weights(global_losses).to(jacobian.dtype)
+            direction = coeffs @ jacobian
+            self.mtl_method.observe(global_losses)
+            record.extras["weights"] = coeffs
+        else:
+            coeffs = torch.ones(k, device=jacobian.device, dtype=jacobian.dtype)
+            try:
+                direction = self._mtl_aggregate(jacobian)
+            except AggregationError as err:
+                self._mtl_skip(record, f"{type(self.mtl_method).__name__} failed: {err}")
+                return self._mtl_surrogate(shared_trainable, torch.zeros_like(jacobian[0]), others, None)
+        record.direction = direction
+        self.mtl_step = record
+
+        other_total = [self._mtl_combine([g[j] for g in other_grads], coeffs, scale) for j in range(len(others))]
+        surrogate = self._mtl_surrogate(shared_trainable, direction, others, other_total)
+        display = (coeffs * losses.detach()).sum()
+        if isinstance(self.mtl_method, LossWeighting) and any(q.requires_grad for q in self.mtl_method.parameters()):
+            aux = self.mtl_method(losses.detach())  # gradients of the method's own parameters (UW)
+            surrogate = surrogate + aux
+            display = aux.detach()
+        return surrogate + (display - surrogate).detach()
+
+    @staticmethod
+    def _mtl_combine(grads: Sequence[Tensor | None], coeffs: Tensor, scale: float) -> Tensor | None:
+        """``sum_k c_k g_k / scale`` over the tasks that reach this parameter (``None`` if none does)."""
+        total: Tensor | None = None
+        for c, g in zip(coeffs, grads):
+            if g is not None:
+                total = g * c if total is None else total + g * c
+        return total / scale if total is not None and scale != 1.0 else total
+
+    @staticmethod
+    def _mtl_surrogate(
+        shared: Sequence[Tensor],
+        direction: Tensor,
+        others: Sequence[Tensor],
+        other_grads: Sequence[Tensor | None] | None,
+    ) -> Tensor:
+        """``S = sum_p <p, G_p>`` with ``G`` detached: ``dS/dp = G_p`` exactly.
+
+        ``other_grads=None`` gives zeros for every other parameter (a skipped step). Parameters that
+        no task reaches (``None``) are left out, as an ordinary backward would leave them.
+        """
+        with torch.autocast(device_type=direction.device.type, enabled=False):
+            terms = []
+            offset = 0
+            for p in shared:
+                n = p.numel()
+                terms.append(torch.dot(p.float().reshape(-1), direction[offset : offset + n].detach().float()))
+                offset += n
+            for j, p in enumerate(others):
+                g = torch.zeros_like(p) if other_grads is None else other_grads[j]
+                if g is not None:
+                    terms.append(torch.dot(p.float().reshape(-1), g.detach().float().reshape(-1)))
+            return torch.stack(terms).sum()
+
+    def _mtl_aggregate(self, jacobian: Tensor) -> Tensor:
+        """Aggregate, leaving out tasks whose shared gradient is exactly zero (they have no direction)."""
+        nonzero = jacobian.abs().amax(dim=1) > 0
+        n = int(nonzero.sum())
+        if n == jacobian.shape[0]:
+            return self.mtl_method.aggregate(jacobian)
+        if n == 0:
+            return torch.zeros_like(jacobian[0])
+        zero_tasks = [t for t, nz in zip(self.task_names, nonzero.tolist()) if not nz]
+        log.debug("lightning_cost: tasks %s have a zero shared gradient this step; aggregating the rest", zero_tasks)
+        if n == 1:
+            return jacobian[nonzero][0]
+        return self.mtl_method.aggregate(jacobian[nonzero])
+
