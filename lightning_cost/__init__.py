@@ -4,5 +4,6 @@ __version__ = "0.1.0"
 
 from lightning_cost.mixin import MultiTaskMixin
 from lightning_cost.protocol import MultiTaskModule, StepRecord
+from lightning_cost.teleport.callback import SymmetryTeleportCallback
 
-__all__ = ["MultiTaskMixin", "MultiTaskModule", "StepRecord", "__version__"]
+__all__ = ["MultiTaskMixin", "MultiTaskModule", "StepRecord", "SymmetryTeleportCallback", "__version__"]

@@ -1,0 +1,480 @@
+"""``SymmetryTeleportCallback``: COST (paper Sec. 4) as a Lightning callback."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from torch import Tensor
+
+from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_, broadcast_
+from lightning_cost.protocol import MultiTaskModule, StepRecord
+from lightning_cost.teleport.adapter import TeleportAdapter
+from lightning_cost.teleport.htr import apply_htr, htr_sigma
+from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
+from lightning_cost.teleport.trigger import ConflictTrigger
+
+__all__ = ["SymmetryTeleportCallback"]
+
+log = logging.getLogger(__name__)
+
+
+class _Rejected(Exception):
+    pass
+
+
+class SymmetryTeleportCallback(L.Callback):
+    r"""Teleport the shared backbone to a less conflicting, loss-equivalent point (COST).
+
+    **Trigger** (``on_after_backward``, eqs. 3-4): from the step's global per-task gradients of the
+    shared parameters, count the tasks with ``cos(g_i, g_0) < 0``; teleport when the count is at
+    least ``ceil(K/2)`` (``trigger="authors"``: any task with ``cos <= 0``). Under gradient
+    accumulation only the micro-batch that steps is checked; steps with non-finite gradients are
+    never checked; every DDP rank sees the same global Jacobian and decides the same.
+
+    **Teleport**: LoRA (PEFT) on the shared supported layers and dense deltas on other shared
+    parameters (:class:`~lightning_cost.teleport.adapter.TeleportAdapter`), trained for
+    ``inner_steps`` Adam steps on ``L_lora = L_t - gamma * L_g`` (eq. 11) with
+    ``L_t = mean_i |L_i - L_i*|`` (eq. 7), ``L_i*`` the losses at the pre-teleport point on the
+    teleport data, and ``L_g = max_j |(1/K) sum_i R_i L_i(theta + dtheta + eps_j)|`` (eq. 9) over
+    ``num_perturbations`` draws ``eps_j`` on the sphere of radius ``radius``, ``R`` from eq. 10.
+    The max is found without gradients and only the arg-max perturbation is back-propagated
+    (the gradient of a max is the gradient of its arg-max term). ``sharpness="difference"`` uses
+    eq. 8's ``L(theta+dtheta+eps) - L(theta+dtheta)`` instead of eq. 9's plain perturbed loss.
+    The adapter is then merged in place (the optimizer's Parameter objects are kept),
+    ``requires_grad`` flags and all buffers (BatchNorm statistics) are restored.
+
+    **The teleporting batch**: its gradient was computed at the pre-teleport point, so no optimizer
+    step is taken on it (all its gradients are dropped); the next batch trains at the new point.
+
+    **Transaction**: if the inner loop produces non-finite values, or a task loss after the merge
+    is further than ``loss_tolerance * |L_i*| + abs_tolerance`` from ``L_i*``, the shared weights
+    and buffers are restored bit for bit, the optimizer state is untouched, the record is marked
+    ``accepted=False`` and the batch steps as usual.
+
+    **HTR** (eqs. 12-13): ``sigma = cos(dtheta, g')`` with ``g'`` the aggregated gradient at the
+    pre-teleport point; applied to the optimizer's state of the shared parameters right before the
+    next optimizer step (:func:`~lightning_cost.teleport.htr.apply_htr`).
+
+    **Observability**: ``history`` holds one record per teleport (see :meth:`_record`), and
+    ``epoch_stats`` one per epoch (checked steps, conflicting steps, trigger ratio, teleports).
+    Scalars go to the trainer's loggers under ``teleport/``.
+
+    Args:
+        gamma: weight of ``L_g`` in eq. 11.
+        inner_steps: inner optimisation steps per teleport (per teleport batch).
+        inner_lr: inner Adam learning rate (``None``: the main optimizer's first learning rate,
+            as the authors do).
+        rank, alpha: LoRA rank and ``lora_alpha``.
+        num_perturbations: ``n~`` in eq. 9.
+        radius: ``delta``, the norm of each perturbation over all shared parameters.
+        ratio: ``"paper"`` (eq. 10) or ``"authors"`` for ``R``.
+        sharpness: ``"paper"`` (eq. 9) or ``"difference"`` (eq. 8).
+        trigger: ``"paper"`` (eq. 4) or ``"authors"``.
+        warmup_epochs, warmup_steps: no teleport before both are reached.
+        max_teleports_per_epoch: at most this many (accepted or rejected) teleports per epoch;
+            ``None`` for no limit.
+        min_steps_between: at least this many optimizer steps between two teleports.
+        teleport_batches: 0 teleports on the current batch; ``N > 0`` on ``N`` batches drawn from
+            the training loader (plus the current one).
+        loss_tolerance, abs_tolerance: acceptance test on every task loss after the merge.
+        use_lt, use_lg, use_htr: ablation switches (paper Table 4).
+        use_lora: ``False`` uses dense deltas on every shared parameter instead of LoRA.
+        seed: seed of the perturbation draws (the same on every rank).
+    """
+
+    def __init__(
+        self,
+        gamma: float = 0.05,
+        inner_steps: int = 10,
+        inner_lr: float | None = None,
+        rank: int = 5,
+        alpha: float | None = None,
+        num_perturbations: int = 5,
+        radius: float = 1e-2,
+        ratio: Literal["paper", "authors"] = "paper",
+        sharpness: Literal["paper", "difference"] = "paper",
+        trigger: Literal["paper", "authors"] = "paper",
+        warmup_epochs: int = 0,
+        warmup_steps: int = 0,
+        max_teleports_per_epoch: int | None = 1,
+        min_steps_between: int = 0,
+        teleport_batches: int = 0,
+        loss_tolerance: float = 0.05,
+        abs_tolerance: float = 1e-4,
+        use_lt: bool = True,
+        use_lg: bool = True,
+        use_htr: bool = True,
+        use_lora: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if gamma < 0 or inner_steps < 1 or num_perturbations < 1 or radius <= 0:
+            raise ValueError("need gamma >= 0, inner_steps >= 1, num_perturbations >= 1 and radius > 0")
+        if inner_lr is not None and inner_lr <= 0:
+            raise ValueError(f"inner_lr must be positive, got {inner_lr}")
+        if ratio not in ("paper", "authors") or sharpness not in ("paper", "difference"):
+            raise ValueError("ratio must be 'paper'|'authors' and sharpness 'paper'|'difference'")
+        if max_teleports_per_epoch is not None and max_teleports_per_epoch < 0:
+            raise ValueError("max_teleports_per_epoch must be >= 0 or None")
+        if min(warmup_epochs, warmup_steps, min_steps_between, teleport_batches) < 0:
+            raise ValueError("warm-up, spacing and teleport_batches must be >= 0")
+        if loss_tolerance < 0 or abs_tolerance < 0:
+            raise ValueError("tolerances must be >= 0")
+        if not (use_lt or use_lg):
+            raise ValueError("at least one of use_lt and use_lg must be on")
+        self.gamma, self.inner_steps, self.inner_lr = gamma, inner_steps, inner_lr
+        self.rank, self.alpha, self.use_lora = rank, alpha, use_lora
+        self.num_perturbations, self.radius = num_perturbations, radius
+        self.ratio, self.sharpness = ratio, sharpness
+        self.trigger = ConflictTrigger(trigger)
+        self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
+        self.max_teleports_per_epoch, self.min_steps_between = max_teleports_per_epoch, min_steps_between
+        self.teleport_batches = teleport_batches
+        self.loss_tolerance, self.abs_tolerance = loss_tolerance, abs_tolerance
+        self.use_lt, self.use_lg, self.use_htr = use_lt, use_lg, use_htr
+        self.seed = seed
+        # state (checkpointed)
+        self.history: list[dict[str, Any]] = []
+        self.epoch_stats: list[dict[str, Any]] = []
+        self.num_teleports = 0
+        self.num_rejected = 0
+        self.last_teleport_step: int | None = None
+        self._epoch = {"checked": 0, "conflicting": 0, "teleports": 0}
+        self._pending_sigma: float | None = None
+        # transient
+        self._batch: Any = None
+        self._batch_idx = 0
+        self._drop_step = False
+        self.force_next = False  # set True to teleport at the next checked step regardless of the trigger
+
+    # ------------------------------------------------------------------ setup
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(trigger=self.trigger.rule, gamma=self.gamma)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(pl_module, MultiTaskModule):
+            raise TypeError(
+                "SymmetryTeleportCallback needs a LightningModule implementing lightning_cost.MultiTaskModule "
+                "(e.g. one built with MultiTaskMixin)"
+            )
+        if type(trainer.strategy) is not SingleDeviceStrategy and not isinstance(trainer.strategy, DDPStrategy):
+            raise RuntimeError(
+                f"SymmetryTeleportCallback supports single-device and DDP training; {type(trainer.strategy).__name__} "
+                "shards or wraps parameters (FSDP, DeepSpeed, ...) and is not supported"
+            )
+        if not pl_module.automatic_optimization:
+            raise RuntimeError("SymmetryTeleportCallback needs automatic optimization")
+        pl_module.request_jacobian(True)
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._epoch = {"checked": 0, "conflicting": 0, "teleports": 0}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch, self._batch_idx = batch, batch_idx
+
+    def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fit_loop.epoch_loop._should_accumulate():
+            return  # only the micro-batch that steps counts
+        record: StepRecord | None = getattr(pl_module, "mtl_step", None)
+        if record is None or record.jacobian is None or not record.finite or record.skipped:
+            return
+        result = self.trigger(record.jacobian)
+        self._epoch["checked"] += 1
+        self._epoch["conflicting"] += int(result.fire)
+        if (result.fire or self.force_next) and self._allowed(trainer):
+            self.force_next = False
+            self._teleport(trainer, pl_module, record, result)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        if self._drop_step:  # the teleporting batch: its gradient belongs to the old point
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            self._drop_step = False
+            return
+        if self._pending_sigma is None:
+            return
+        record = getattr(pl_module, "mtl_step", None)
+        shared = pl_module.shared_parameters()
+        grads = [p.grad for p in shared if p.grad is not None]
+        if (record is not None and record.skipped) or not grads or not all(torch.isfinite(g).all() for g in grads):
+            return  # this step will not be taken: keep HTR for the next one
+        apply_htr(optimizer, shared, self._pending_sigma)
+        self._pending_sigma = None
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        checked = self._epoch["checked"]
+        stats = {
+            "epoch": trainer.current_epoch,
+            **self._epoch,
+            "trigger_ratio": self._epoch["conflicting"] / checked if checked else 0.0,
+        }
+        self.epoch_stats.append(stats)
+        self._log(trainer, {
+            "teleport/trigger_ratio": stats["trigger_ratio"],
+            "teleport/epoch_teleports": float(stats["teleports"]),
+            "teleport/count": float(self.num_teleports),
+        })
+
+    # ------------------------------------------------------------------ resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": self.history,
+            "epoch_stats": self.epoch_stats,
+            "num_teleports": self.num_teleports,
+            "num_rejected": self.num_rejected,
+            "last_teleport_step": self.last_teleport_step,
+            "epoch_counts": dict(self._epoch),
+            "pending_sigma": self._pending_sigma,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict["history"])
+        self.epoch_stats = list(state_dict["epoch_stats"])
+        self.num_teleports = int(state_dict["num_teleports"])
+        self.num_rejected = int(state_dict["num_rejected"])
+        self.last_teleport_step = state_dict["last_teleport_step"]
+        self._epoch = dict(state_dict["epoch_counts"])
+        self._pending_sigma = state_dict["pending_sigma"]
+
+    # ------------------------------------------------------------------ the teleport
+    def _allowed(self, trainer: L.Trainer) -> bool:
+        if trainer.current_epoch < self.warmup_epochs or trainer.global_step < self.warmup_steps:
+            return False
+        if self.max_teleports_per_epoch is not None and self._epoch["teleports"] >= self.max_teleports_per_epoch:
+            return False
+        if self.last_teleport_step is not None and trainer.global_step - self.last_teleport_step < self.min_steps_between:
+            return False
+        return True
+
+    def _teleport_data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Any]:
+        batches = [self._batch]
+        if self.teleport_batches:
+            loader = trainer.train_dataloader
+            it = iter(loader)
+            for _ in range(self.teleport_batches):
+                try:
+                    b = next(it)
+                except StopIteration:
+                    break
+                b = pl_module._apply_batch_transfer_handler(b, dataloader_idx=0)
+                batches.append(b)
+        return batches
+
+    def _losses(self, trainer: L.Trainer, pl_module: Any, batches: Sequence[Any], adapter: TeleportAdapter | None = None,
+                eps: list[Tensor] | None = None) -> Tensor:
+        """Mean task losses over ``batches`` (local, differentiable)."""
+        total = None
+        for b in batches:
+            with trainer.precision_plugin.forward_context():
+                if adapter is None:
+                    out = pl_module.evaluate_task_losses(b, self._batch_idx)
+                else:
+                    out = adapter.call(pl_module.evaluate_task_losses, b, self._batch_idx, eps=eps)
+            out = out.float()
+            total = out if total is None else total + out
+        return total / len(batches)
+
+    def _jacobian(self, trainer: L.Trainer, pl_module: Any, batches: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        """Global task losses and per-task shared gradients at the current weights."""
+        shared = [p for p in pl_module.shared_parameters()]
+        flags = [p.requires_grad for p in shared]
+        for p in shared:
+            p.requires_grad_(True)
+        try:
+            with torch.enable_grad():
+                losses = self._losses(trainer, pl_module, batches)
+                rows = []
+                for i in range(losses.shape[0]):
+                    gs = torch.autograd.grad(losses[i], shared, retain_graph=i < losses.shape[0] - 1, allow_unused=True)
+                    rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, shared)]))
+        finally:
+            for p, f in zip(shared, flags):
+                p.requires_grad_(f)
+        return all_reduce_mean(losses.detach()), all_reduce_mean_(torch.stack(rows))
+
+    def _teleport(self, trainer: L.Trainer, pl_module: Any, record: StepRecord, before: Any) -> None:
+        start = time.perf_counter()
+        shared = pl_module.shared_parameters()
+        jacobian, g_prev = record.jacobian, record.direction
+        assert jacobian is not None
+        norms_before = jacobian.norm(dim=1)
+        batches = self._teleport_data(trainer, pl_module)
+        with torch.no_grad():
+            target = record.losses.float() if len(batches) == 1 else all_reduce_mean(self._losses(trainer, pl_module, batches))
+        ratios = balance_ratios(norms_before.float(), self.ratio).to(target.device)
+
+        weights0 = [p.detach().clone() for p in shared]
+        buffers0 = [(b, b.detach().clone()) for b in pl_module.buffers()]
+        grad_flags = [(p, p.requires_grad) for p in pl_module.parameters()]
+        was_training = pl_module.training
+
+        def restore_buffers() -> None:
+            with torch.no_grad():
+                for b, saved in buffers0:
+                    b.copy_(saved)
+
+        def restore_weights() -> None:
+            with torch.no_grad():
+                for p, saved in zip(shared, weights0):
+                    p.copy_(saved)
+
+        adapter = TeleportAdapter(pl_module, shared, rank=self.rank, alpha=self.alpha, use_lora=self.use_lora)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.num_teleports)
+        reason = ""
+        losses_after: Tensor | None = None
+        inner_trace: list[float] = []
+        try:
+            adapter.inject()
+            params = adapter.parameters()
+            for p in adapter.lora_parameters():
+                broadcast_(p.data)  # identical LoRA initialisation on every rank
+            lr = self.inner_lr if self.inner_lr is not None else trainer.optimizers[0].param_groups[0]["lr"]
+            inner = torch.optim.Adam(params, lr=lr)
+            shapes = [p.shape for p in shared]
+            with torch.enable_grad():
+                for _ in range(self.inner_steps):
+                    objective = self._inner_objective(trainer, pl_module, adapter, batches, target, ratios, shapes,
+                                                      generator)
+                    grads = torch.autograd.grad(objective, params, allow_unused=True)
+                    for p, g in zip(params, grads):
+                        p.grad = all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
+                    if not all(torch.isfinite(p.grad).all() for p in params):
+                        raise _Rejected("non-finite gradient in the inner loop")
+                    inner.step()
+                    inner.zero_grad(set_to_none=True)
+                    inner_trace.append(float(objective.detach()))
+            adapter.merge()
+        except _Rejected as err:
+            reason = str(err)
+        finally:
+            adapter.discard()  # no-op after a merge; removes the adapters after a failure
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
+            restore_buffers()
+            pl_module.train(was_training)
+
+        if not reason:
+            if not all(torch.isfinite(p).all() for p in shared):
+                reason = "non-finite weights after the merge"
+            else:
+                with torch.no_grad():
+                    losses_after = all_reduce_mean(self._losses(trainer, pl_module, batches).detach())
+                restore_buffers()
+                bound = self.loss_tolerance * target.abs() + self.abs_tolerance
+                if not torch.isfinite(losses_after).all():
+                    reason = "non-finite losses after the merge"
+                elif ((losses_after - target).abs() > bound).any():
+                    reason = "loss drift above tolerance: " + ", ".join(
+                        f"{t}: {float(a):.4g} vs {float(b):.4g}"
+                        for t, a, b in zip(pl_module.task_names, losses_after, target)
+                    )
+        accepted = not reason
+        sigma = None
+        after = None
+        if accepted:
+            delta = torch.cat([(p.detach() - w).reshape(-1) for p, w in zip(shared, weights0)])
+            sigma = htr_sigma(delta, g_prev) if g_prev is not None else 0.0
+            _, jac_after = self._jacobian(trainer, pl_module, batches)
+            restore_buffers()
+            after = (jac_after.norm(dim=1), self.trigger(jac_after))
+            if self.use_htr:
+                self._pending_sigma = sigma
+            self._drop_step = True
+            self.num_teleports += 1
+        else:
+            restore_weights()
+            restore_buffers()
+            self.num_rejected += 1
+            log.warning("lightning_cost: teleport rejected and rolled back (%s)", reason)
+        self._epoch["teleports"] += 1
+        self.last_teleport_step = trainer.global_step
+        rec = self._record(trainer, pl_module, target, losses_after, norms_before, before, after, sigma, accepted,
+                           reason, time.perf_counter() - start, inner_trace)
+        self.history.append(rec)
+        self._log(trainer, {
+            "teleport/accepted": float(accepted),
+            "teleport/count": float(self.num_teleports),
+            "teleport/seconds": rec["seconds"],
+            **({"teleport/loss_drift": rec["loss_drift"],
+                "teleport/grad_norm_ratio": rec["grad_norm_after"] / max(rec["grad_norm_before"], 1e-30),
+                "teleport/conflicts_before": float(rec["conflicts_before"]),
+                "teleport/conflicts_after": float(rec["conflicts_after"]),
+                "teleport/sigma": float(sigma or 0.0)} if accepted else {}),
+        })
+
+    def _inner_objective(self, trainer: L.Trainer, pl_module: Any, adapter: TeleportAdapter, batches: Sequence[Any],
+                         target: Tensor, ratios: Tensor, shapes: list[torch.Size], generator: torch.Generator) -> Tensor:
+        """``L_lora = L_t - gamma * L_g`` (eq. 11) at the adapter's current ``dtheta``."""
+        losses = self._losses(trainer, pl_module, batches, adapter)
+        objective = loss_invariance(losses, target) if self.use_lt else losses.new_zeros(())
+        if not torch.isfinite(losses).all():
+            raise _Rejected("non-finite task losses in the inner loop")
+        if self.use_lg:
+            device = losses.device
+            draws = [sample_sphere(shapes, self.radius, generator, device) for _ in range(self.num_perturbations)]
+            with torch.no_grad():
+                values = []
+                for eps in draws:
+                    lp = self._losses(trainer, pl_module, batches, adapter, eps)
+                    values.append(self._sharpness(lp, losses.detach(), ratios))
+            best = draws[int(torch.stack(values).argmax())]
+            lp = self._losses(trainer, pl_module, batches, adapter, best)
+            objective = objective - self.gamma * self._sharpness(lp, losses, ratios)
+        return objective
+
+    def _sharpness(self, perturbed: Tensor, unperturbed: Tensor, ratios: Tensor) -> Tensor:
+        if self.sharpness == "difference":
+            return sharpness(perturbed - unperturbed, ratios)
+        return sharpness(perturbed, ratios)
+
+    # ------------------------------------------------------------------ records and logs
+    def _record(self, trainer: L.Trainer, pl_module: Any, target: Tensor, losses_after: Tensor | None,
+                norms_before: Tensor, before: Any, after: Any, sigma: float | None, accepted: bool, reason: str,
+                seconds: float, inner_trace: list[float]) -> dict[str, Any]:
+        rec: dict[str, Any] = {
+            "step": int(trainer.global_step),
+            "epoch": int(trainer.current_epoch),
+            "accepted": accepted,
+            "reason": reason,
+            "seconds": seconds,
+            "losses_before": [float(x) for x in target],
+            "losses_after": [float(x) for x in losses_after] if losses_after is not None else None,
+            "grad_norms_before": [float(x) for x in norms_before],
+            "grad_norm_before": float(norms_before.norm()),
+            "conflicts_before": before.num_conflicting,
+            "cosines_before": [float(x) for x in before.cosines],
+            "sigma": sigma,
+            "inner_objective": inner_trace,
+        }
+        if losses_after is not None:
+            rel = (losses_after - target).abs() / target.abs().clamp_min(1e-12)
+            rec["loss_drift"] = float(rel.mean())
+        if after is not None:
+            norms_after, trig_after = after
+            rec.update({
+                "grad_norms_after": [float(x) for x in norms_after],
+                "grad_norm_after": float(norms_after.norm()),
+                "conflicts_after": trig_after.num_conflicting,
+                "cosines_after": [float(x) for x in trig_after.cosines],
+            })
+        return rec
+
+    @staticmethod
+    def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))},
+                               step=trainer.global_step)
