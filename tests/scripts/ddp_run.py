@@ -1,0 +1,83 @@
+"""Run a 2-process CPU DDP fit (gloo) and save each rank's final state; used by the tests.
+
+usage: python ddp_run.py OUT_DIR MODE   (MODE: core | teleport)
+"""
+
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from mtl_models import TinyMTL, loader, regression_data, trainer  # noqa: E402
+
+from lightning_cost import SymmetryTeleportCallback  # noqa: E402
+from lightning_cost.aggregators import GramianAggregator  # noqa: E402
+
+warnings.filterwarnings("ignore")
+
+
+class NormalizedMean(GramianAggregator):
+    """Mean of unit task gradients: non-linear in J, so local vs global aggregation differ."""
+
+    def weights(self, gramian):
+        return 1.0 / gramian.diagonal().clamp_min(1e-30).sqrt() / gramian.shape[0]
+
+
+class Net(TinyMTL):
+    nan_at_step = -1
+
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if self.global_step == self.nan_at_step and self.global_rank == 1:
+            out["t0"] = out["t0"] * float("nan")
+        return out
+
+
+class Save(L.Callback):
+    def __init__(self, out, tele=None):
+        self.out, self.tele, self.jacobians = out, tele, []
+
+    def on_after_backward(self, trainer, pl_module):
+        if pl_module.mtl_step is not None and pl_module.mtl_step.jacobian is not None:
+            self.jacobians.append(pl_module.mtl_step.jacobian.clone())
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.tele is not None and trainer.global_step == 3:
+            self.tele.force_next = True
+
+    def on_train_end(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        state = [v.clone() for p in pl_module.parameters() for v in opt.state.get(p, {}).values() if torch.is_tensor(v)]
+        torch.save({
+            "params": [p.detach().clone() for p in pl_module.parameters()],
+            "buffers": [b.clone() for b in pl_module.buffers()],
+            "opt_state": state,
+            "jacobians": self.jacobians,
+            "skipped": pl_module.mtl_skipped_steps,
+            "history": self.tele.history if self.tele is not None else None,
+        }, Path(self.out) / f"rank{trainer.global_rank}.pt")
+
+
+def main():
+    out, mode = sys.argv[1], sys.argv[2]
+    L.seed_everything(0)
+    net = Net(k=3, method=NormalizedMean())
+    tele = None
+    callbacks = []
+    if mode == "teleport":
+        tele = SymmetryTeleportCallback(inner_steps=3, num_perturbations=2, max_teleports_per_epoch=None)
+        callbacks.append(tele)
+    else:
+        net.nan_at_step = 2
+    callbacks.append(Save(out, tele))
+    fit = trainer(max_steps=6, callbacks=callbacks, strategy="ddp", devices=2,
+                  accumulate_grad_batches=2 if mode == "core" else 1)
+    fit.fit(net, loader(regression_data(k=3), batch_size=16, shuffle=True))
+
+
+if __name__ == "__main__":
+    main()
