@@ -51,6 +51,7 @@ also skips the step with a warning; ``mtl_skipped_steps`` counts skipped steps.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -58,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.aggregators import AggregationError, Aggregator, LossWeighting, build_aggregator
+from lightning_cost.aggregators import AggregationError, Aggregator, LossWeighting, aggregator_class, build_aggregator
 from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_
 from lightning_cost.protocol import StepRecord
 
@@ -136,6 +137,8 @@ class MultiTaskMixin:
         if len(names) != len(ids):
             raise ValueError("every shared parameter must be a parameter of this module")
         if isinstance(method, str):
+            if "num_tasks" in inspect.signature(aggregator_class(method)).parameters:
+                hparams.setdefault("num_tasks", len(tasks))  # e.g. UW creates one parameter per task
             method = build_aggregator(method, **hparams)
         elif hparams:
             raise ValueError("hyper-parameters can only be given with a method name")

@@ -1,0 +1,454 @@
+"""COST's teleport: trigger (eq. 4), objective (eqs. 7-10), adapter, HTR (eqs. 12-13), the callback."""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.precision import MixedPrecision
+from mtl_models import TinyMTL, loader, regression_data, trainer
+from torch import nn
+
+from lightning_cost import SymmetryTeleportCallback
+from lightning_cost.teleport import (
+    ConflictTrigger,
+    TeleportAdapter,
+    TriggerResult,
+    apply_htr,
+    balance_ratios,
+    conflict_cosines,
+    htr_sigma,
+    loss_invariance,
+    sample_sphere,
+    sharpness,
+)
+
+# ---------------------------------------------------------------- trigger (eqs. 3-4)
+
+
+def rows(n_conflicting: int, k: int) -> torch.Tensor:
+    """K gradients whose mean points along e1; ``n_conflicting`` of them point against it."""
+    j = torch.zeros(k, 3)
+    j[:n_conflicting, 0] = -0.1
+    j[n_conflicting:, 0] = 1.0
+    j[:, 1] = torch.linspace(-0.01, 0.01, k)
+    return j
+
+
+@pytest.mark.parametrize("k", [2, 3, 40])
+def test_trigger_fires_exactly_from_ceil_half(k):
+    trig = ConflictTrigger("paper")
+    need = math.ceil(k / 2)
+    assert trig(rows(need, k)).fire and trig(rows(need, k)).num_conflicting == need
+    if need - 1 >= 0:
+        assert not trig(rows(need - 1, k)).fire
+    assert not trig(rows(0, k)).fire
+
+
+def test_trigger_hand_case_and_authors_rule():
+    j = torch.tensor([[1.0, 0.0], [-3.0, 0.1]])  # g0 = (-1, 0.05): task 0 conflicts with the mean
+    cos = conflict_cosines(j)
+    g0 = j.mean(0)
+    assert cos[0].item() == pytest.approx(float(j[0] @ g0 / (j[0].norm() * g0.norm())))
+    assert cos[0] < 0 < cos[1]
+    assert ConflictTrigger("paper")(j).fire
+    # K=3 with one conflicting task: the paper's rule waits, the authors' fires
+    j3 = rows(1, 3)
+    assert not ConflictTrigger("paper")(j3).fire and ConflictTrigger("authors")(j3).fire
+    # orthogonal to the mean counts for the authors (cos <= 0) but not for the paper (cos < 0)
+    jo = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
+    assert ConflictTrigger("authors")(jo).fire and ConflictTrigger("paper")(jo).num_conflicting == 0
+    with pytest.raises(ValueError):
+        ConflictTrigger("other")
+
+
+# ---------------------------------------------------------------- objective (eqs. 7-10)
+
+
+def test_loss_invariance_and_sharpness_hand_cases():
+    assert loss_invariance(torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])).item() == pytest.approx(1.0)
+    r = torch.tensor([1.5, 0.5])
+    assert sharpness(torch.tensor([-2.0, -4.0]), r).item() == pytest.approx(abs((1.5 * -2 + 0.5 * -4) / 2))
+
+
+def test_balance_ratios_eq10_and_authors():
+    norms = torch.tensor([1.0, 3.0])
+    expected = 2 * torch.softmax(torch.tensor([4.0 / 1.0, 4.0 / 3.0], dtype=torch.float64), 0)
+    torch.testing.assert_close(balance_ratios(norms).double(), expected, rtol=1e-6, atol=1e-7)
+    assert balance_ratios(norms).sum().item() == pytest.approx(2.0)
+    assert balance_ratios(norms)[0] > balance_ratios(norms)[1]  # the weaker task gets more weight
+    torch.testing.assert_close(balance_ratios(norms, "authors"), torch.tensor([1.5, 0.5]))
+    with pytest.raises(ValueError):
+        balance_ratios(torch.tensor([1.0, float("nan")]))
+
+
+def test_sample_sphere_has_the_radius_and_is_seeded():
+    shapes = [torch.Size([3, 4]), torch.Size([5])]
+    a = sample_sphere(shapes, 0.3, torch.Generator().manual_seed(1))
+    b = sample_sphere(shapes, 0.3, torch.Generator().manual_seed(1))
+    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in a))
+    assert norm.item() == pytest.approx(0.3, rel=1e-6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------- HTR (eqs. 12-13)
+
+
+def adam_with_state(params, betas=(0.9, 0.999)):
+    opt = torch.optim.Adam(params, lr=0.1, betas=betas)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("sigma", [0.6, 1.0, -0.4])
+def test_htr_adam_gives_eq13_moments_for_the_shared_parameters_only(sigma):
+    torch.manual_seed(0)
+    shared, head = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
+    opt = adam_with_state([shared, head])
+    m0, v0 = opt.state[shared]["exp_avg"].clone(), opt.state[shared]["exp_avg_sq"].clone()
+    head_state = {k: v.clone() for k, v in opt.state[head].items()}
+    g = torch.randn(4)
+    shared.grad, head.grad = g.clone(), torch.randn(3)
+    hg = head.grad.clone()
+    assert apply_htr(opt, [shared], sigma) == "adam"
+    opt.step()
+    s = min(max(sigma, 0.0), 1.0)
+    b1, b2 = 0.9, 0.999
+    torch.testing.assert_close(opt.state[shared]["exp_avg"], s * b1 * m0 + (1 - s * b1) * g)
+    torch.testing.assert_close(opt.state[shared]["exp_avg_sq"], s * b2 * v0 + (1 - s * b2) * g * g)
+    torch.testing.assert_close(opt.state[head]["exp_avg"], b1 * head_state["exp_avg"] + (1 - b1) * hg)
+    assert (opt.state[shared]["exp_avg_sq"] >= 0).all()
+
+
+def test_htr_sgd_scales_the_momentum_buffer_and_warns_otherwise():
+    p = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(2)
+    opt.step()
+    buf = opt.state[p]["momentum_buffer"].clone()
+    assert apply_htr(opt, [p], 0.25) == "sgd"
+    torch.testing.assert_close(opt.state[p]["momentum_buffer"], 0.25 * buf)
+    with pytest.warns(UserWarning, match="HTR supports"):
+        assert apply_htr(torch.optim.RMSprop([p]), [p], 0.5) == "none"
+
+
+def test_htr_sigma_is_the_cosine():
+    assert htr_sigma(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1 / math.sqrt(2))
+    assert htr_sigma(torch.zeros(2), torch.ones(2)) == 0.0
+
+
+# ---------------------------------------------------------------- adapter
+
+
+class WithRaw(TinyMTL):
+    def __init__(self):
+        super().__init__(k=2, batchnorm=True)
+        self.scale = nn.Parameter(torch.tensor([1.5]))
+        self.configure_multitask(["t0", "t1"], shared=[*self.trunk.parameters(), self.scale])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        z = self.trunk(x) * self.scale
+        return {f"t{i}": ((h(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, h in enumerate(self.heads)}
+
+
+def test_adapter_targets_shared_layers_only_and_merges_in_place():
+    model = WithRaw()
+    shared = model.shared_parameters()
+    ids = [id(p) for p in model.parameters()]
+    before = [p.detach().clone() for p in model.parameters()]
+    ad = TeleportAdapter(model, shared, rank=2)
+    assert ad.lora_targets == ["trunk.0", "trunk.3"]  # shared Linears; never the heads
+    dense_ids = {id(p) for p in ad.dense_params}
+    assert id(model.scale) in dense_ids and id(model.trunk[1].weight) in dense_ids  # raw param, BatchNorm
+    ad.inject()
+    lora = ad.lora_parameters()
+    assert len(lora) == 4 and all("heads" not in n for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():  # a known displacement: B = 1, A as initialised; dense delta = 0.25
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(1.0)
+        a = {n.split(".lora_A")[0]: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+        for d in ad.deltas:
+            d.fill_(0.25)
+    ad.merge()
+    assert [id(p) for p in model.parameters()] == ids  # same Parameter objects
+    assert not any("lora" in n for n, _ in model.named_parameters()) and not hasattr(model, "peft_config")
+    w0 = before[[n for n, _ in model.named_parameters()].index("trunk.0.weight")]
+    torch.testing.assert_close(model.trunk[0].weight, w0 + torch.ones(16, 2) @ a["trunk.0"])  # scaling alpha/r = 1
+    torch.testing.assert_close(model.scale.detach(), torch.tensor([1.75]))
+
+
+def test_adapter_discard_is_bit_exact_and_eps_call_matches_perturbed_weights():
+    model = WithRaw()
+    model.eval()
+    batch = next(iter(loader(regression_data(k=2))))
+    shared = model.shared_parameters()
+    before = [p.detach().clone() for p in model.parameters()]
+    ad = TeleportAdapter(model, shared)
+    ad.inject()
+    eps = sample_sphere([p.shape for p in shared], 0.05, torch.Generator().manual_seed(0))
+    got = ad.call(model.evaluate_task_losses, batch, 0, eps=eps)
+    assert got.requires_grad and torch.autograd.grad(got.sum(), ad.lora_parameters()[1]) is not None  # path to B
+    ad.discard()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(ref.shared_parameters(), eps):
+            p.add_(e)
+    torch.testing.assert_close(got.detach(), ref.evaluate_task_losses(batch).detach(), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the callback
+
+
+class Force(L.Callback):
+    """Forces a teleport at the given optimizer steps and records state around it."""
+
+    def __init__(self, tele, steps=(3,)):
+        self.tele, self.steps = tele, set(steps)
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step in self.steps:
+            self.tele.force_next = True
+
+
+class Spy(L.Callback):
+    """Put before the teleport callback: snapshots the state the teleport starts from."""
+
+    def __init__(self):
+        self.snap = {}
+
+    def on_after_backward(self, trainer, pl_module):
+        opt = trainer.optimizers[0]
+        self.snap = {
+            "params": [p.detach().clone() for p in pl_module.parameters()],
+            "buffers": [b.detach().clone() for b in pl_module.buffers()],
+            "opt": {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in pl_module.parameters()
+                    if p in opt.state},
+            "step": trainer.global_step,
+        }
+
+
+def fit(model, callbacks, steps=6, **kw):
+    trainer(max_steps=steps, callbacks=callbacks, **kw).fit(model, loader(regression_data(k=len(model.task_names)),
+                                                                           shuffle=False))
+
+
+def test_forced_teleport_keeps_losses_moves_weights_keeps_optimizer_params():
+    L.seed_everything(0)
+    model = TinyMTL(k=3)
+    tele = SymmetryTeleportCallback(inner_steps=5, max_teleports_per_epoch=None)
+    spy = Spy()
+
+    class After(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 3:
+                self.params = [p.detach().clone() for p in pl_module.parameters()]
+                self.buffers = [b.detach().clone() for b in pl_module.buffers()]
+                self.opt_ids = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+
+    after = After()
+    fit(model, [Force(tele), spy, tele, after], steps=4)
+    assert tele.num_teleports == 1 and len(tele.history) == 1
+    rec = tele.history[0]
+    assert rec["accepted"] and rec["step"] == 3
+    for a, b in zip(rec["losses_after"], rec["losses_before"]):
+        assert abs(a - b) <= tele.loss_tolerance * abs(b) + tele.abs_tolerance
+    names = [n for n, _ in model.named_parameters()]
+    shared_idx = [names.index(n) for n in model._mtl_shared_names]
+    moved = [i for i in shared_idx if not torch.equal(spy.snap["params"][i], after.params[i])]
+    assert moved  # the shared weights moved...
+    head_idx = [i for i, n in enumerate(names) if n.startswith("heads")]
+    assert all(torch.equal(spy.snap["params"][i], after.params[i]) for i in head_idx)  # ...the heads did not
+    assert all(torch.equal(a, b) for a, b in zip(spy.snap["buffers"], after.buffers))  # BN stats as they went in
+    assert after.opt_ids == {id(p) for p in model.parameters()}
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("lora" in n for n in model.state_dict())
+    for key in ("grad_norms_after", "conflicts_after", "cosines_after", "sigma", "seconds", "loss_drift"):
+        assert key in rec
+
+
+def test_teleporting_batch_takes_no_step_and_htr_touches_only_shared_state():
+    runs = {}
+    for htr in (True, False):
+        L.seed_everything(0)
+        model = TinyMTL(k=2)
+        tele = SymmetryTeleportCallback(inner_steps=3, use_htr=htr, max_teleports_per_epoch=None)
+        fit(model, [Force(tele), tele], steps=5)  # teleport at step 3, HTR applies at step 4 (the last)
+        runs[htr] = model, tele
+    (m_on, t_on), (m_off, _) = runs[True], runs[False]
+    opt_steps = 5
+    for model in (m_on, m_off):
+        opt = model.trainer.optimizers[0]
+        for p in model.parameters():
+            assert int(opt.state[p]["step"]) == opt_steps - 1  # the teleporting batch did not step
+    assert t_on._pending_sigma is None  # HTR was applied at the next step
+    names = [n for n, _ in m_on.named_parameters()]
+    for n, p_on, p_off in zip(names, m_on.parameters(), m_off.parameters()):
+        same = torch.equal(p_on, p_off)
+        assert same != (n in m_on._mtl_shared_names), n  # only the shared parameters differ
+
+
+def test_rejected_teleport_restores_everything_bit_for_bit(caplog):
+    L.seed_everything(0)
+    model = TinyMTL(k=2)
+    tele = SymmetryTeleportCallback(inner_steps=3, loss_tolerance=0.0, abs_tolerance=0.0, inner_lr=0.05)
+    spy = Spy()
+
+    class Check(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 3:
+                opt = trainer.optimizers[0]
+                self.ok = (
+                    all(torch.equal(a, b) for a, b in zip(spy.snap["params"], pl_module.parameters()))
+                    and all(torch.equal(a, b) for a, b in zip(spy.snap["buffers"], pl_module.buffers()))
+                    and all(torch.equal(v, opt.state[p][k]) for p in pl_module.parameters() if id(p) in spy.snap["opt"]
+                            for k, v in spy.snap["opt"][id(p)].items())
+                )
+
+    check = Check()
+    fit(model, [Force(tele), spy, tele, check], steps=5)
+    assert tele.num_rejected == 1 and tele.num_teleports == 0
+    assert not tele.history[0]["accepted"] and "drift" in tele.history[0]["reason"]
+    assert check.ok
+    opt = model.trainer.optimizers[0]
+    assert int(opt.state[model.trunk[0].weight]["step"]) == 5  # a rejected teleport does not drop the step
+
+
+def test_non_finite_inner_loop_is_rejected():
+    class Broken(SymmetryTeleportCallback):
+        def _inner_objective(self, *args, **kwargs):
+            return super()._inner_objective(*args, **kwargs) * float("nan")
+
+    L.seed_everything(0)
+    model = TinyMTL(k=2)
+    tele = Broken(inner_steps=2)
+    before = []
+
+    class Keep(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            if trainer.global_step == 3:
+                before.append([p.detach().clone() for p in pl_module.shared_parameters()])
+
+    keep = Keep()
+    spy = Spy()
+    fit(model, [Force(tele), spy, keep, tele], steps=4)
+    assert tele.num_rejected == 1 and "non-finite" in tele.history[0]["reason"]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("switch", ["use_lt", "use_lg"])
+def test_ablation_switches_change_the_teleport(switch):
+    moved = {}
+    for flag in (True, False):
+        L.seed_everything(0)
+        model = TinyMTL(k=2)
+        kw = {switch: flag, "inner_steps": 3, "gamma": 1.0, "loss_tolerance": 10.0}
+        tele = SymmetryTeleportCallback(max_teleports_per_epoch=None, **kw)
+        spy = Spy()
+        fit(model, [Force(tele), spy, tele], steps=4)
+        moved[flag] = [p.detach().clone() for p in model.shared_parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(moved[True], moved[False]))
+
+
+def test_trigger_counts_only_stepping_micro_batches():
+    model = TinyMTL(k=2)
+    tele = SymmetryTeleportCallback(max_teleports_per_epoch=0)
+    trainer(max_epochs=1, callbacks=[tele], accumulate_grad_batches=2).fit(model, loader(regression_data(k=2)))
+    assert tele.epoch_stats[0]["checked"] == 4  # 8 micro-batches, 4 optimizer steps
+
+
+def test_warmup_and_spacing_limit_teleports():
+    L.seed_everything(0)
+    model = TinyMTL(k=2)
+    tele = SymmetryTeleportCallback(trigger="authors", warmup_steps=2, min_steps_between=3, max_teleports_per_epoch=None,
+                                    inner_steps=1, num_perturbations=1, loss_tolerance=10.0)
+
+    class Always(ConflictTrigger):  # every step "conflicts"
+        def __call__(self, jacobian):
+            return TriggerResult(fire=True, num_conflicting=1, cosines=torch.zeros(jacobian.shape[0]))
+
+    tele.trigger = Always()
+    fit(model, [tele], steps=10)
+    steps = [r["step"] for r in tele.history]
+    assert steps[0] >= 2 and all(b - a >= 3 for a, b in zip(steps, steps[1:])) and len(steps) >= 2
+
+
+def test_resume_restores_counters_and_history(tmp_path):
+    L.seed_everything(0)
+    model = TinyMTL(k=2)
+    tele = SymmetryTeleportCallback(inner_steps=2, max_teleports_per_epoch=None)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer(max_epochs=1, callbacks=[Force(tele, steps=(2, 5)), tele, ckpt], enable_checkpointing=True).fit(
+        model, loader(regression_data(k=2)))
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    assert not any("lora" in k for k in state["state_dict"])
+    tele2 = SymmetryTeleportCallback(inner_steps=2, max_teleports_per_epoch=None)
+    seen = {}
+
+    class Peek(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            seen["n"], seen["hist"] = tele2.num_teleports, copy.deepcopy(tele2.history)
+
+    trainer(max_epochs=2, callbacks=[tele2, Peek()], enable_checkpointing=False).fit(
+        TinyMTL(k=2), loader(regression_data(k=2)), ckpt_path=tmp_path / "last.ckpt")
+    assert seen["n"] == tele.num_teleports == 2
+    assert [r["step"] for r in seen["hist"]] == [r["step"] for r in tele.history]
+    assert len(tele2.epoch_stats) == 2
+
+
+def test_bf16_and_fp16_scaler_runs_teleport_with_finite_weights():
+    for kw in ({"precision": "bf16-mixed"},
+               {"plugins": [MixedPrecision("16-mixed", "cpu", torch.amp.GradScaler("cpu", init_scale=2.0**8))]}):
+        L.seed_everything(0)
+        model = TinyMTL(k=2)
+        tele = SymmetryTeleportCallback(inner_steps=3, max_teleports_per_epoch=None, loss_tolerance=0.2)
+        scales = []
+
+        class Scale(L.Callback):
+            def on_after_backward(self, trainer, pl_module):
+                s = getattr(trainer.precision_plugin, "scaler", None)
+                scales.append(s.get_scale() if s is not None else None)
+
+        fit(model, [Force(tele, steps=(2, 4)), tele, Scale()], steps=6, **kw)
+        assert len(tele.history) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
+        assert any(r["accepted"] for r in tele.history)
+        if "plugins" in kw:
+            assert scales[2] == scales[1]  # the teleport at step 2 left the outer scaler alone
+
+
+def test_refuses_unsupported_setups():
+    tele = SymmetryTeleportCallback()
+    with pytest.raises(TypeError, match="MultiTaskModule"):
+        tele.setup(types.SimpleNamespace(strategy=None), L.LightningModule(), "fit")
+    with pytest.raises(RuntimeError, match="not supported"):
+        tele.setup(types.SimpleNamespace(strategy=object()), TinyMTL(k=2), "fit")
+    with pytest.raises(ValueError):
+        SymmetryTeleportCallback(use_lt=False, use_lg=False)
+
+
+@pytest.mark.ddp
+def test_ddp_teleport_leaves_identical_weights_on_both_ranks(tmp_path):
+    script = Path(__file__).parent / "scripts" / "ddp_run.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "teleport"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2))
+    assert len(r0["history"]) == 1 and r0["history"][0]["accepted"]
+    assert r0["history"][0]["losses_after"] == r1["history"][0]["losses_after"]
+    for a, b in zip(r0["params"], r1["params"]):
+        assert torch.equal(a, b)
+    for a, b in zip(r0["opt_state"], r1["opt_state"]):
+        assert torch.equal(a, b)
