@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up the environment and run the main job: MultiMNIST, LS vs FairGrad vs FairGrad+COST,
+# printing a results table and writing results/main/{runs.csv,table.md,summary.png}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[bench]"
+exec .venv/bin/python -m benchmarks.run --config benchmarks/configs/main.yaml "$@"
