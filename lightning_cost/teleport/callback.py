@@ -175,6 +175,8 @@ class SymmetryTeleportCallback(L.Callback):
         if not pl_module.automatic_optimization:
             raise RuntimeError("SymmetryTeleportCallback needs automatic optimization")
         pl_module.request_jacobian(True)
+        if self.use_lora:
+            import peft.tuners.lora  # noqa: F401  (a one-time import of ~2 s; paid here, not in the first teleport)
 
     # ------------------------------------------------------------------ hooks
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
