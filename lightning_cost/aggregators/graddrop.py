@@ -1,0 +1,94 @@
+"""GradDrop: gradient sign dropout (Chen et al., 2020)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_cost.aggregators.base import Aggregator, check_jacobian
+from lightning_cost.aggregators.pcgrad import seeded_generator
+
+__all__ = ["GradDrop"]
+
+
+class GradDrop(Aggregator):
+    """Gradient Sign Dropout (Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov,
+    NeurIPS 2020, "Just Pick a Sign", Sec. 3, eq. (1) and Algorithm 1).
+
+    Per coordinate ``p`` of the shared parameters, with ``g_ip`` the gradient of task ``i``:
+
+    * positive sign purity ``P_p = 0.5 * (1 + sum_i g_ip / sum_i |g_ip|)`` (eq. 1);
+    * ``U_p ~ Uniform[0, 1)``; keep the positive entries if ``P_p > U_p``, else the
+      negative ones: ``M_ip = 1[P_p > U_p] 1[g_ip > 0] + 1[P_p <= U_p] 1[g_ip < 0]``
+      (the paper writes ``P_p < U_p``; the tie, of probability zero, goes to the
+      negative side so that a purely negative coordinate is never dropped);
+    * ``d_p = sum_i (l_i + (1 - l_i) M_ip) g_ip`` with the leak ``l_i``.
+
+    The paper applies GradDrop to the gradients of a shared *activation* layer (summed
+    over the batch) and back-propagates the masked signal into the trunk. This is the
+    parameter-space variant most libraries implement: the mask acts per coordinate of
+    the ``K x P`` shared-parameter Jacobian. The optional transformation of ``P`` from
+    the paper is not offered (identity, the paper's default).
+
+    Args:
+        leak: ``l_i`` in ``[0, 1]``, one float for all tasks or one per task (paper
+            default ``0.0``: pure GradDrop; ``1.0`` recovers the plain sum of gradients).
+        seed: seed of the CPU ``torch.Generator`` that draws ``U`` (``P`` float32 draws per
+            call, then moved to the Jacobian's device). Give every DDP rank the same seed
+            so that all ranks drop the same signs. ``None`` seeds it non-deterministically.
+            The generator state is saved in the module's ``state_dict`` (extra state).
+
+    Degenerate input: no task-gradient norm is divided by. A coordinate where every task
+    gradient is zero has ``sum_i |g_ip| = 0``; its purity is set to ``0.5`` and its output
+    is ``0``. Where all non-zero entries of a coordinate share one sign, ``P_p`` is 0 or 1
+    and the output is the plain sum, whatever ``U`` is.
+    """
+
+    def __init__(self, leak: float | Sequence[float] = 0.0, seed: int | None = None) -> None:
+        super().__init__()
+        leaks = [float(leak)] if isinstance(leak, (int, float)) else [float(x) for x in leak]
+        if not leaks or not all(0.0 <= x <= 1.0 for x in leaks):
+            raise ValueError(f"leak must be in [0, 1] (a float or one per task), got {leak!r}")
+        self.leak = leak
+        self._leaks = leaks
+        self.seed = seed
+        self.generator = seeded_generator(seed)
+
+    def _leak_vector(self, k: int, like: Tensor) -> Tensor:
+        if len(self._leaks) == 1:
+            return torch.full((k,), self._leaks[0], dtype=like.dtype, device=like.device)
+        if len(self._leaks) != k:
+            raise ValueError(
+                f"GradDrop was given {len(self._leaks)} leak values but the Jacobian has K={k} tasks"
+            )
+        return torch.tensor(self._leaks, dtype=like.dtype, device=like.device)
+
+    def aggregate(self, jacobian: Tensor) -> Tensor:
+        check_jacobian(jacobian)
+        k, p = jacobian.shape
+        work = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
+        leak = self._leak_vector(k, work).unsqueeze(1)
+        total = work.sum(dim=0)
+        abs_total = work.abs().sum(dim=0)
+        safe = torch.where(abs_total > 0, abs_total, torch.ones_like(abs_total))
+        purity = torch.where(abs_total > 0, 0.5 * (1.0 + total / safe), torch.full_like(total, 0.5))
+        u = torch.rand(p, generator=self.generator, dtype=torch.float32).to(
+            device=work.device, dtype=work.dtype
+        )
+        keep_positive = (purity > u).unsqueeze(0)
+        keep_negative = ~keep_positive  # ties (P == U, e.g. P = U = 0) keep the negative side
+        mask = (keep_positive & (work > 0)) | (keep_negative & (work < 0))
+        d = ((leak + (1.0 - leak) * mask.to(work.dtype)) * work).sum(dim=0)
+        return d.to(jacobian.dtype)
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"])
+
+    def extra_repr(self) -> str:
+        return f"leak={self.leak!r}, seed={self.seed}"
