@@ -88,9 +88,10 @@ class GramianAggregator(Aggregator):
 
     def aggregate(self, jacobian: Tensor) -> Tensor:
         check_jacobian(jacobian)
-        gramian = jacobian @ jacobian.T
-        w = self.weights(gramian)
-        return w.to(jacobian.dtype) @ jacobian
+        # at least float32 for the K x K Gramian: half-precision inner products lose the solve
+        j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
+        w = self.weights(j @ j.T)
+        return (w.to(j.dtype) @ j).to(jacobian.dtype)
 
 
 class LossWeighting(nn.Module, ABC):
