@@ -1,0 +1,1 @@
+"""Performance benchmarks of lightning_cost (``python -m benchmarks.perf.bench``)."""
