@@ -452,3 +452,28 @@ def test_ddp_teleport_leaves_identical_weights_on_both_ranks(tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(r0["opt_state"], r1["opt_state"]):
         assert torch.equal(a, b)
+
+
+def test_teleport_on_extra_loader_batches_and_variants_log_to_the_trainer(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    L.seed_everything(0)
+    model = TinyMTL(k=3)
+    tele = SymmetryTeleportCallback(inner_steps=2, teleport_batches=2, ratio="authors", sharpness="difference",
+                                    max_teleports_per_epoch=None, loss_tolerance=0.2)
+    logger = CSVLogger(tmp_path, name="run")
+    calls = []
+    original = model.evaluate_task_losses
+
+    def counting(batch, batch_idx=0):
+        calls.append(batch[0].shape[0])
+        return original(batch, batch_idx)
+
+    model.evaluate_task_losses = counting
+    fit(model, [Force(tele), tele], steps=5, logger=logger)
+    assert len(tele.history) == 1
+    # 3 batches (current + 2 from the loader) in every evaluation of the teleport
+    assert len(calls) % 3 == 0 and len(calls) >= 3 * 2 * (1 + tele.num_perturbations + 1)
+    logger.finalize("success")
+    text = next((tmp_path / "run").rglob("metrics.csv")).read_text()
+    assert "teleport/count" in text and "teleport/accepted" in text
