@@ -19,10 +19,11 @@ def conflict_cosines(jacobian: Tensor) -> Tensor:
     """
     if jacobian.ndim != 2 or jacobian.shape[0] < 2:
         raise ValueError(f"jacobian must have shape [K>=2, P], got {tuple(jacobian.shape)}")
-    j = jacobian.double()
+    # K dot products and norms in the Jacobian's precision (no float64 copy of K x P), then float64
+    j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
     g0 = j.mean(dim=0)
-    norms = j.norm(dim=1) * g0.norm()
-    dots = j @ g0
+    dots = (j @ g0).double()
+    norms = j.norm(dim=1).double() * g0.norm().double()
     return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dots))
 
 
