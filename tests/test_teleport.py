@@ -477,3 +477,19 @@ def test_teleport_on_extra_loader_batches_and_variants_log_to_the_trainer(tmp_pa
     logger.finalize("success")
     text = next((tmp_path / "run").rglob("metrics.csv")).read_text()
     assert "teleport/count" in text and "teleport/accepted" in text
+
+
+def test_check_every_checks_and_pays_for_the_jacobian_on_every_nth_step_only():
+    model = TinyMTL(k=2, method="ls")
+    tele = SymmetryTeleportCallback(check_every=3, max_teleports_per_epoch=0)
+    jac_steps = []
+
+    class Seen(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            jac_steps.append(pl_module.mtl_step.jacobian is not None)
+
+    trainer(max_epochs=1, callbacks=[tele, Seen()]).fit(model, loader(regression_data(k=2)))
+    assert tele.epoch_stats[0]["checked"] == 3  # steps 0, 3, 6 of 8
+    assert jac_steps == [i % 3 == 0 for i in range(8)]
+    with pytest.raises(ValueError):
+        SymmetryTeleportCallback(check_every=0)

@@ -81,6 +81,9 @@ class SymmetryTeleportCallback(L.Callback):
         max_teleports_per_epoch: at most this many (accepted or rejected) teleports per epoch;
             ``None`` for no limit.
         min_steps_between: at least this many optimizer steps between two teleports.
+        check_every: check the trigger on every N-th optimizer step only. For loss-weighting methods
+            the Jacobian is then computed on those steps only (the others do one ordinary backward),
+            which removes most of the trigger's cost when K is large.
         teleport_batches: 0 teleports on the current batch; ``N > 0`` on ``N`` batches drawn from
             the training loader (plus the current one).
         loss_tolerance, abs_tolerance: acceptance test on every task loss after the merge.
@@ -105,6 +108,7 @@ class SymmetryTeleportCallback(L.Callback):
         warmup_steps: int = 0,
         max_teleports_per_epoch: int | None = 1,
         min_steps_between: int = 0,
+        check_every: int = 1,
         teleport_batches: int = 0,
         loss_tolerance: float = 0.05,
         abs_tolerance: float = 1e-4,
@@ -123,6 +127,8 @@ class SymmetryTeleportCallback(L.Callback):
             raise ValueError("ratio must be 'paper'|'authors' and sharpness 'paper'|'difference'")
         if max_teleports_per_epoch is not None and max_teleports_per_epoch < 0:
             raise ValueError("max_teleports_per_epoch must be >= 0 or None")
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
         if min(warmup_epochs, warmup_steps, min_steps_between, teleport_batches) < 0:
             raise ValueError("warm-up, spacing and teleport_batches must be >= 0")
         if loss_tolerance < 0 or abs_tolerance < 0:
@@ -137,6 +143,7 @@ class SymmetryTeleportCallback(L.Callback):
         self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
         self.max_teleports_per_epoch, self.min_steps_between = max_teleports_per_epoch, min_steps_between
         self.teleport_batches = teleport_batches
+        self.check_every = check_every
         self.loss_tolerance, self.abs_tolerance = loss_tolerance, abs_tolerance
         self.use_lt, self.use_lg, self.use_htr = use_lt, use_lg, use_htr
         self.seed = seed
@@ -184,10 +191,17 @@ class SymmetryTeleportCallback(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch, self._batch_idx = batch, batch_idx
+        if self.check_every > 1:
+            pl_module.request_jacobian(self._checks(trainer) or self.force_next)
+
+    def _checks(self, trainer: L.Trainer) -> bool:
+        return trainer.global_step % self.check_every == 0
 
     def on_after_backward(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.fit_loop.epoch_loop._should_accumulate():
             return  # only the micro-batch that steps counts
+        if not (self._checks(trainer) or self.force_next):
+            return
         record: StepRecord | None = getattr(pl_module, "mtl_step", None)
         if record is None or record.jacobian is None or not record.finite or record.skipped:
             return
