@@ -88,6 +88,7 @@ recorded point; ``--replot`` redraws from it) and ``DIR/toy.png``, and prints a 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -95,7 +96,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -321,15 +322,23 @@ class TrajectoryRecorder(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------- one run
-def _quiet() -> None:
-    """Silence the warnings a 2-parameter run triggers by design (no workers, no GPU, solver accuracy)."""
-    for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*TPU available.*",
-                    ".*Solution may be inaccurate.*", ".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", pattern)
-    # Skipped steps and rejected teleports are counted in the records; their log lines would flood.
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_cost.mixin",
-                 "lightning_cost.teleport.callback"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence, for one run, what a 2-parameter run triggers by design (no workers, no GPU, solver accuracy,
+    skipped steps and rejected teleports: those are counted in the record). Restores everything after."""
+    names = ("lightning.pytorch", "lightning.fabric", "lightning_cost.mixin", "lightning_cost.teleport.callback")
+    levels = {n: logging.getLogger(n).level for n in names}
+    with warnings.catch_warnings():
+        for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*TPU available.*",
+                        ".*Solution may be inaccurate.*", ".*LeafSpec.*"):
+            warnings.filterwarnings("ignore", pattern)
+        for n in names:
+            logging.getLogger(n).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for n, level in levels.items():
+                logging.getLogger(n).setLevel(level)
 
 
 def rescaled_betas(lr: float) -> tuple[float, float]:
@@ -360,7 +369,6 @@ def run_one(method: str, init: Sequence[float], cost: bool, steps: int = DEFAULT
     are added to the trainer's. Returns the run's record (see :func:`run_sweep`) with its trajectory
     under ``"trajectory"``.
     """
-    _quiet()
     scale = PAPER_L1_SCALE.get(method, 1.0) if l1_scale is None else float(l1_scale)
     clip = PAPER_CLIP.get(method) if l1_scale is None else None
     b = rescaled_betas(lr) if betas is None else (float(betas[0]), float(betas[1]))
@@ -370,14 +378,15 @@ def run_one(method: str, init: Sequence[float], cost: bool, steps: int = DEFAULT
     teleporter = SymmetryTeleportCallback(**cost_settings(steps, **(cost_overrides or {}))) if cost else None
     if teleporter is not None:
         cbs.append(teleporter)
-    trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=cbs,
-        gradient_clip_val=clip,
-    )
-    start = time.perf_counter()
-    trainer.fit(model, train_dataloaders=dummy_loader(steps))
-    seconds = time.perf_counter() - start
+    with _quiet():
+        trainer = L.Trainer(
+            accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=cbs,
+            gradient_clip_val=clip,
+        )
+        start = time.perf_counter()
+        trainer.fit(model, train_dataloaders=dummy_loader(steps))
+        seconds = time.perf_counter() - start
     x = model.x.detach().double()
     dist = float(pareto_distance(x))
     return {
@@ -400,6 +409,10 @@ def run_one(method: str, init: Sequence[float], cost: bool, steps: int = DEFAULT
         "seconds": seconds,
         "trajectory": {"steps": recorder.steps, "x": recorder.xs, "losses": recorder.losses},
     }
+
+
+#: Rough relative cost of a run per method (orders the parallel sweep).
+_COST_RANK = {"nashmtl": 6, "fairgrad": 3, "cagrad": 3, "mgda": 2, "pcgrad": 2}
 
 
 def _run_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -444,11 +457,15 @@ def run_sweep(out: str | Path, methods: Sequence[str] = METHODS, inits: Sequence
     if jobs > 1:
         import multiprocessing as mp
 
+        # Longest runs first (Nash-MTL's solver, then the teleporting runs) so that the pool ends together.
+        order = sorted(range(len(todo)), key=lambda i: (-_COST_RANK.get(todo[i]["method"], 1) - todo[i]["cost"], i))
         with mp.get_context("spawn").Pool(jobs) as pool:
-            for r in pool.imap(_run_job, todo):
+            for r in pool.imap_unordered(_run_job, [todo[i] for i in order]):
                 runs.append(r)
                 if echo:
                     _echo(r, len(runs), len(todo))
+        rank = {(j["method"], j["cost"], tuple(j["init"])): i for i, j in enumerate(todo)}
+        runs.sort(key=lambda r: rank[(r["method"], r["cost"], tuple(r["init"]))])
     else:
         for job in todo:
             runs.append(run_one(**job))
