@@ -51,7 +51,18 @@ after 1364 / 1486 / 1617 steps vs 13641 / 14866 / 16154. A larger lr alone does 
 ``2e-2`` with betas ``(0.9, 0.999)``: Adam's second moment remembers the huge gradients near the log
 valleys for ~1000 steps and nothing converges in 2-3.5k steps), nor does ``s = 20`` (lr ``2e-2``, betas
 ``(0, 0.98)``: the stuck runs jump out of the valleys). ``--lr 1e-3 --steps 35000`` is the papers'
-exact setting; ``--betas`` overrides the betas.
+exact setting; ``--betas`` overrides the betas. Measured (2 cores, ``--jobs 2``): the default 70-run
+sweep takes 805 s on an otherwise idle machine (1266 s while other jobs used about half of it);
+Nash-MTL's runs are 46% of that and FairGrad's 24%, mostly solver retries on steps that fail (below).
+Fewer steps do not pay: below ~1650 steps not even LS reaches the front from its three good inits.
+
+**Failed aggregations.** The library's Nash-MTL and FairGrad raise :class:`AggregationError` instead of
+falling back (the official code keeps the previous or an inexact solution), and the training core then
+skips the step. On this toy that happens on most steps near the front (``g_1`` nearly ``-g_2``: the
+systems become singular) and in the valleys (gradient norms 1e3-1e4 apart): the runs report thousands
+of ``skipped_steps``. As the problem is deterministic, a skipped step leaves ``x`` and hence the next
+Jacobian unchanged, so a run that fails once stays frozen (Nash-MTL from ``(9, 9)``: 1650 of 2000 steps
+skipped); the teleport trigger does not check skipped steps, so COST cannot help there either.
 
 **Method settings on the toy** (from the papers' toy code, not tuned here): CAGrad ``c = 0.5`` and the
 update divided by ``1 + c`` (CAGrad ``toy.py``, ``rescale=2``); PCGrad seeded; FAMO ``gamma = 0`` (FAMO
@@ -275,7 +286,8 @@ class TrajectoryRecorder(L.Callback):
 
     @staticmethod
     def _teleporter(trainer: L.Trainer) -> SymmetryTeleportCallback | None:
-        return next((c for c in trainer.callbacks if isinstance(c, SymmetryTeleportCallback)), None)  # type: ignore[union-attr]
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        return next((c for c in callbacks if isinstance(c, SymmetryTeleportCallback)), None)
 
     def _push(self, step: int, x: Tensor) -> None:
         x = x.detach().double().cpu()
@@ -290,7 +302,8 @@ class TrajectoryRecorder(L.Callback):
         if self.first_pareto_step is None and on_pareto_set(pl_module.x, self.tol):
             self.first_pareto_step = trainer.global_step
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
         self._x_before = pl_module.x.detach().clone()
         tele = self._teleporter(trainer)
         self._seen = len(tele.history) if tele is not None else 0
@@ -458,7 +471,8 @@ def run_sweep(out: str | Path, methods: Sequence[str] = METHODS, inits: Sequence
         import multiprocessing as mp
 
         # Longest runs first (Nash-MTL's solver, then the teleporting runs) so that the pool ends together.
-        order = sorted(range(len(todo)), key=lambda i: (-_COST_RANK.get(todo[i]["method"], 1) - todo[i]["cost"], i))
+        order = sorted(range(len(todo)),
+                       key=lambda i: (-_COST_RANK.get(todo[i]["method"], 1) - todo[i]["cost"], i))
         with mp.get_context("spawn").Pool(jobs) as pool:
             for r in pool.imap_unordered(_run_job, [todo[i] for i in order]):
                 runs.append(r)
@@ -480,7 +494,8 @@ def run_sweep(out: str | Path, methods: Sequence[str] = METHODS, inits: Sequence
         "versions": {"torch": torch.__version__, "lightning": L.__version__, "python": platform.python_version()},
         "pareto": {"x1": list(PARETO_X1), "x2": PARETO_X2, "tol": tol,
                    "distance": "euclidean distance to the segment, checked after every optimizer step"},
-        "l1_scale": scales, "gradient_clip": clips, "methods": list(methods), "inits": [[float(v) for v in i] for i in inits],
+        "l1_scale": scales, "gradient_clip": clips, "methods": list(methods),
+        "inits": [[float(v) for v in i] for i in inits],
         "method_hparams": {m: {k: (list(v) if isinstance(v, tuple) else v)
                                for k, v in method_hparams(m, scales[m]).items()} for m in methods},
         "cost": cost_settings(steps),
@@ -516,35 +531,43 @@ def _echo(r: dict[str, Any], i: int, n: int) -> None:
 
 # ---------------------------------------------------------------------------------------- outputs
 def results_table(summary: dict[str, Any]) -> str:
-    """A compact plain-text table: per method and flag, each init's first step on the Pareto set."""
+    """A compact plain-text table: per method and flag, each init's first step on the Pareto set
+    (``ok@step``) or its final distance to it (``no d=...``), the number of inits that reached it, the
+    accepted teleports and the optimizer steps the training core skipped (failed aggregation), summed
+    over the inits."""
     cfg = summary["config"]
     inits = [init_key(i) for i in cfg["inits"]]
-    head = f"{'method':<16}" + "".join(f"{k:>14}" for k in inits) + f"{'reached':>9}{'teleports':>11}"
+    head = (f"{'method':<16}" + "".join(f"{k:>14}" for k in inits)
+            + f"{'reached':>9}{'teleports':>11}{'skipped':>9}")
     lines = [head, "-" * len(head)]
     for method, by_flag in summary["results"].items():
         for flag in ("baseline", "cost"):
             if flag not in by_flag:
                 continue
-            cells, tele = [], 0
+            cells, tele, skipped = [], 0, 0
             for k in inits:
                 r = by_flag[flag].get(k)
                 if r is None:
                     cells.append("-")
                     continue
                 tele += r["teleports"]
+                skipped += r["skipped_steps"]
                 cells.append(f"ok@{r['first_pareto_step']}" if r["reached_pareto"]
                              else f"no d={r['final_pareto_distance']:.2f}")
             name = LABELS.get(method, method) + (" +COST" if flag == "cost" else "")
             n = sum(1 for k in inits if k in by_flag[flag])
             lines.append(f"{name:<16}" + "".join(f"{c:>14}" for c in cells)
-                         + f"{summary['counts'][method][flag]:>6}/{n}" + f"{tele if flag == 'cost' else '':>11}")
+                         + f"{summary['counts'][method][flag]:>6}/{n}" + f"{tele if flag == 'cost' else '':>11}"
+                         + f"{skipped:>9}")
     return "\n".join(lines)
 
 
 def plot_results(runs: Sequence[dict[str, Any]], path: str | Path, extent: float = 10.5) -> None:
-    """Row 1: contours of ``(L1 + L2) / 2`` with the trajectories, one panel per method; row 2: the same
-    runs in loss space ``(L1, L2)``. Colour = init; solid = without COST, dashed = with COST; a teleport is
-    a dotted segment ending in a red cross; black dots are the inits, the grey band the Pareto set."""
+    """Row 1: contours of ``(L1 + L2) / 2`` with the trajectories, one panel per method (title: inits that
+    reached the Pareto set without | with COST); row 2: the same runs in loss space ``(L1, L2)`` (unscaled).
+    Colour = init; solid = without COST, dashed = with COST; small black dots = where accepted teleports
+    landed; large black dots = the inits; end markers: square = reached the Pareto set, cross = did not
+    (hollow with COST); grey band = the Pareto set (its image in loss space)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -582,15 +605,18 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path, extent: float
             end = "s" if r["reached_pareto"] else "X"
             ax.plot(xs[-1, 0], xs[-1, 1], end, color=c, markersize=5, markerfacecolor="none" if r["cost"] else c,
                     zorder=6)
-            for ev in r.get("teleport_events", []):
-                if ev.get("accepted") and "x_after" in ev:
-                    (a, b), (p, q) = ev["x_before"], ev["x_after"]
-                    ax.plot([a, p], [b, q], ":", color="red", linewidth=1.0, zorder=4)
-                    ax.plot(p, q, "x", color="red", markersize=4, zorder=4)
+            jumps = [ev["x_after"] for ev in r.get("teleport_events", [])
+                     if ev.get("accepted") and "x_after" in ev]
+            if jumps:  # the jumps themselves are tiny on this problem: mark where they land
+                ax.plot(*np.asarray(jumps).T, ".", color="k", markersize=2, alpha=0.5, zorder=4)
+        reached = {f: sum(r["reached_pareto"] for r in runs if r["method"] == method and r["cost"] == f)
+                   for f in (False, True)}
+        n_inits = sum(1 for r in runs if r["method"] == method and not r["cost"])
         ax.set_xlim(-extent, extent)
         ax.set_ylim(-extent, extent)
         ax.set_aspect("equal")
-        ax.set_title(LABELS.get(method, method))
+        ax.set_title(f"{LABELS.get(method, method)}: {reached[False]}/{n_inits} | +COST {reached[True]}/{n_inits}",
+                     fontsize=10)
         ax.set_xlabel("x1")
         bx.set_xlabel("L1")
         bx.set_title("loss space")
@@ -602,7 +628,7 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path, extent: float
     handles = [Line2D([], [], color=colors(i % 10), label=f"init {init_key(v)}") for i, v in enumerate(inits)]
     handles += [Line2D([], [], color="k", linestyle="-", label="without COST"),
                 Line2D([], [], color="k", linestyle="--", label="with COST"),
-                Line2D([], [], color="red", linestyle=":", marker="x", label="teleport"),
+                Line2D([], [], color="k", linestyle="", marker=".", markersize=3, label="accepted teleport"),
                 Line2D([], [], color="grey", linewidth=5, alpha=0.5, label="Pareto set")]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))

@@ -164,9 +164,9 @@ def test_module_shares_the_raw_parameter_and_gets_a_dense_delta():
 
 
 # ---------------------------------------------------------------------------------------- the runner
-RUN_KEYS = {"init", "l1_scale", "gradient_clip", "steps", "final_x", "final_losses", "final_pareto_distance", "final_on_pareto",
-            "reached_pareto", "first_pareto_step", "teleports", "teleports_rejected", "teleport_events",
-            "skipped_steps", "seconds"}
+RUN_KEYS = {"init", "l1_scale", "gradient_clip", "steps", "final_x", "final_losses", "final_pareto_distance",
+            "final_on_pareto", "reached_pareto", "first_pareto_step", "teleports", "teleports_rejected",
+            "teleport_events", "skipped_steps", "seconds"}
 
 
 def test_runner_writes_summary_and_plot(tmp_path, capsys):
