@@ -171,7 +171,10 @@ class _EpochRecorder(L.Callback):
         self.checked += 1
         self.conflicting += int(self.trigger(rec.jacobian).fire)
 
-    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not ``on_validation_epoch_end``: callbacks run that hook *before* the module's, where the
+        # module logs the epoch's metrics, so ``callback_metrics`` there still hold the previous
+        # epoch's values. ``on_validation_end`` runs after they are published (as ModelCheckpoint's).
         if trainer.sanity_checking:
             return
         m: dict[str, Any] = {k: _finite(v) for k, v in trainer.callback_metrics.items()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -71,6 +72,13 @@ def test_multimnist_tiny_run_and_cache(tmp_path: Path) -> None:
         assert math.isfinite(float(r["delta_m"]))
         assert 0.0 <= float(r["left/accuracy"]) <= 1.0
         assert float(r["wall_time_s"]) > 0
+    # every epoch's validation is recorded under its own epoch (not the previous one's), and the
+    # reported best validation score is the one ModelCheckpoint selected the tested weights on
+    for f in (out / "runs").glob("*.json"):
+        run = json.loads(f.read_text())
+        assert [e["epoch"] for e in run["epochs"]] == [0]
+        assert "val/score" in run["epochs"][0] and run["best_epoch"] == 0
+        assert run["val"]["score"] == run["epochs"][0]["val/score"]
     fair = next(r for r in rows if r["method"] == "fairgrad" and r["cost"] == "none")
     assert 0.0 <= float(fair["trigger_ratio"]) <= 1.0  # measured from the aggregator's Jacobian
     assert len(_rows(out / "baselines.csv")) == 2  # one single-task model per task
