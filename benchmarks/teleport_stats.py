@@ -1,10 +1,18 @@
-"""Teleport statistics on MultiMNIST: the paper's Fig. 5a (trigger ratio per epoch) and Fig. 8
-(gradient norm and conflict before vs after each teleport), plus teleport time and loss drift.
+"""Teleport statistics: the paper's Fig. 5a (trigger ratio per epoch) and Fig. 8 (gradient norm and
+conflict before vs after each teleport), plus teleport time and loss drift, on any benchmark.
 
-    python -m benchmarks.teleport_stats [--method fairgrad] [--epochs 2] [--num-train 6400] [--out DIR]
+    python -m benchmarks.teleport_stats [--datasets multimnist yeast tox21 qm8] [--method fairgrad]
+        [--epochs 2] [--force-every 25] [--out DIR]
 
-Runs the method with the callback under both trigger rules (the paper's ceil(K/2), the authors'
-any-task rule) and prints one table per rule; writes ``DIR/teleport_stats.json``.
+For every data set it trains ``--method`` with :class:`~lightning_cost.SymmetryTeleportCallback` under
+both trigger rules (the paper's ``ceil(K/2)`` of eq. 4 and the authors' any-task rule) and records, on
+every optimizer step, how many tasks have ``cos(g_i, g0) < 0`` (the distribution of that count explains
+a silent trigger). Output in ``DIR``: ``teleport_stats.json``, ``fig5a_trigger_ratio.png`` (trigger
+ratio per epoch, one panel per data set), ``fig8_before_after.png`` (per accepted teleport: total
+gradient norm and smallest ``cos(g_i, g0)`` before vs after), and one printed table per data set.
+
+Where the trigger is silent, ``--force-every N`` also forces a teleport every N steps (a measurement
+aid, not the method) so that Fig. 8 has points.
 """
 
 from __future__ import annotations
@@ -13,34 +21,70 @@ import argparse
 import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
 
-from benchmarks.data import MultiMNISTDataModule
+from benchmarks import make_datamodule, make_model
 from benchmarks.lit import MTLBenchModule
-from benchmarks.models import lenet_multimnist
 from lightning_cost import SymmetryTeleportCallback
+from lightning_cost.teleport.trigger import conflict_cosines
+
+__all__ = ["run", "main", "plot"]
+
+#: small default sizes per data set (the rest of the DataModule's defaults apply)
+DEFAULT_DATA_KW: dict[str, dict[str, Any]] = {
+    "multimnist": {"num_train": 6400, "num_val": 500, "num_test": 500, "batch_size": 64},
+    "yeast": {"batch_size": 64},
+    "tox21": {"batch_size": 128},
+    "qm8": {"batch_size": 256},
+}
 
 
-def run(rule: str, args: argparse.Namespace) -> dict:
-    L.seed_everything(args.seed)
-    dm = MultiMNISTDataModule(num_train=args.num_train, num_val=500, num_test=500, batch_size=args.batch_size,
-                              image_size=28, seed=args.seed)
+class ConflictCounter(L.Callback):
+    """Per optimizer step: the number of tasks whose gradient conflicts with the mean (eq. 3)."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        rec = getattr(pl_module, "mtl_step", None)
+        if rec is None or rec.jacobian is None or rec.skipped or not rec.finite:
+            return
+        self.per_step.append(int((conflict_cosines(rec.jacobian) < 0).sum()))
+
+
+class _Force(L.Callback):
+    """Measurement aid: ask the teleport callback for a teleport every ``every`` steps."""
+
+    def __init__(self, tele: SymmetryTeleportCallback, every: int) -> None:
+        self.tele, self.every = tele, every
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        self.tele.force_next = step > 0 and step % self.every == 0
+
+
+def _mean(xs: list[float]) -> float:
+    return statistics.fmean(xs) if xs else float("nan")
+
+
+def run(dataset: str, rule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One training run of ``args.method`` + COST on ``dataset`` with trigger ``rule``."""
+    L.seed_everything(args.seed, verbose=False)
+    data_kw = {**DEFAULT_DATA_KW.get(dataset, {}), **args.data_kw.get(dataset, {})}
+    dm = make_datamodule(dataset, seed=args.seed, **data_kw)
     dm.setup("fit")
-    model = MTLBenchModule(lenet_multimnist(dm.task_specs, dm.in_shape), dm.task_specs, method=args.method, lr=1e-3)
+    model = MTLBenchModule(make_model(dm), dm.task_specs, method=args.method, lr=args.lr)
     tele = SymmetryTeleportCallback(trigger=rule, max_teleports_per_epoch=args.max_per_epoch,
-                                    min_steps_between=args.min_steps_between)
-    callbacks: list[L.Callback] = [tele]
+                                    min_steps_between=args.min_steps_between, seed=args.seed, **args.cost_kw)
+    counter = ConflictCounter()
+    callbacks: list[L.Callback] = [counter, tele]
     if args.force_every:
-
-        class Force(L.Callback):  # measurement aid: teleport every N steps whatever the trigger says
-            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-                step = trainer.global_step
-                tele.force_next = step > 0 and step % args.force_every == 0
-
-        callbacks.insert(0, Force())
+        callbacks.insert(0, _Force(tele, args.force_every))
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=callbacks)
@@ -48,37 +92,111 @@ def run(rule: str, args: argparse.Namespace) -> dict:
     trainer.fit(model, dm.train_dataloader())
     wall = time.perf_counter() - start
     acc = [r for r in tele.history if r["accepted"]]
-    steps = trainer.global_step
-
-    def mean(xs):
-        return statistics.fmean(xs) if xs else float("nan")
-
+    k = len(dm.task_specs)
     return {
+        "dataset": dataset,
+        "num_tasks": k,
         "rule": rule,
-        "steps": steps,
+        "threshold": tele.trigger.threshold(k) if rule == "paper" else 1,
+        "steps": trainer.global_step,
         "wall_s": wall,
+        "forced_every": args.force_every,
         "teleports": len(tele.history),
         "accepted": len(acc),
         "trigger_ratio_per_epoch": [round(e["trigger_ratio"], 4) for e in tele.epoch_stats],
-        "teleport_ms_mean": 1000 * mean([r["seconds"] for r in tele.history]),
-        "loss_drift_mean": mean([r["loss_drift"] for r in acc]),
-        "grad_norm_before_mean": mean([r["grad_norm_before"] for r in acc]),
-        "grad_norm_after_mean": mean([r["grad_norm_after"] for r in acc]),
-        "grad_norm_ratio_mean": mean([r["grad_norm_after"] / r["grad_norm_before"] for r in acc]),
-        "conflicts_before_mean": mean([r["conflicts_before"] for r in acc]),
-        "conflicts_after_mean": mean([r["conflicts_after"] for r in acc]),
-        "min_cos_before_mean": mean([min(r["cosines_before"]) for r in acc]),
-        "min_cos_after_mean": mean([min(r["cosines_after"]) for r in acc]),
+        "conflicting_tasks_histogram": dict(sorted(Counter(counter.per_step).items())),
+        "teleport_ms_mean": 1000 * _mean([r["seconds"] for r in tele.history]),
+        "loss_drift_mean": _mean([r["loss_drift"] for r in acc]),
+        "grad_norm_before_mean": _mean([r["grad_norm_before"] for r in acc]),
+        "grad_norm_after_mean": _mean([r["grad_norm_after"] for r in acc]),
+        "grad_norm_ratio_mean": _mean([r["grad_norm_after"] / r["grad_norm_before"] for r in acc]),
+        "conflicts_before_mean": _mean([r["conflicts_before"] for r in acc]),
+        "conflicts_after_mean": _mean([r["conflicts_after"] for r in acc]),
+        "min_cos_before_mean": _mean([min(r["cosines_before"]) for r in acc]),
+        "min_cos_after_mean": _mean([min(r["cosines_after"]) for r in acc]),
         "history": tele.history,
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
+_TABLE_KEYS = ["num_tasks", "threshold", "steps", "wall_s", "teleports", "accepted", "trigger_ratio_per_epoch",
+               "conflicting_tasks_histogram", "teleport_ms_mean", "loss_drift_mean", "grad_norm_before_mean",
+               "grad_norm_after_mean", "grad_norm_ratio_mean", "conflicts_before_mean", "conflicts_after_mean",
+               "min_cos_before_mean", "min_cos_after_mean"]
+
+
+def print_table(results: list[dict[str, Any]], header: str) -> None:
+    print(f"\n{header}")
+    print(f"{'':30s}" + "".join(f"{r['rule']:>22s}" for r in results))
+    for k in _TABLE_KEYS:
+        cells = []
+        for r in results:
+            v = r[k]
+            cells.append(f"{v:>22.4g}" if isinstance(v, float) else f"{json.dumps(v):>22s}")
+        print(f"{k:30s}" + "".join(cells))
+
+
+def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
+    """Write Fig. 5a (trigger ratio per epoch) and Fig. 8 (before vs after each accepted teleport)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in results))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
+    for ax, ds in zip(axes[0], datasets, strict=True):
+        for r in (r for r in results if r["dataset"] == ds):
+            ratios = r["trigger_ratio_per_epoch"]
+            ax.plot(range(1, len(ratios) + 1), [100 * v for v in ratios], "o-", label=f"{r['rule']} rule")
+        k = next(r["num_tasks"] for r in results if r["dataset"] == ds)
+        ax.set_title(f"{ds} (K={k})")
+        ax.set_xlabel("epoch")
+        ax.set_ylim(-5, 105)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("trigger ratio (% of steps)")
+    fig.suptitle("Fig. 5a: share of steps on which the trigger fires", fontsize=10)
+    fig.tight_layout()
+    p5 = out / "fig5a_trigger_ratio.png"
+    fig.savefig(p5, dpi=110)
+    plt.close(fig)
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.8))
+    markers = "osD^v<>p*h"
+    for i, ds in enumerate(datasets):
+        ev = [h for r in results if r["dataset"] == ds for h in r["history"] if h["accepted"]]
+        if not ev:
+            continue
+        before = [h["grad_norm_before"] for h in ev]
+        after = [h["grad_norm_after"] for h in ev]
+        a.scatter(before, after, marker=markers[i % len(markers)], s=18, label=ds)
+        b.scatter([min(h["cosines_before"]) for h in ev], [min(h["cosines_after"]) for h in ev],
+                  marker=markers[i % len(markers)], s=18, label=ds)
+    for ax, name in ((a, "total gradient norm ||g0||"), (b, "min_i cos(g_i, g0)")):
+        lo, hi = ax.get_xlim()
+        lo, hi = min(lo, ax.get_ylim()[0]), max(hi, ax.get_ylim()[1])
+        ax.plot([lo, hi], [lo, hi], "--", color="grey", linewidth=0.8)
+        ax.set_xlabel(f"{name} before teleport")
+        ax.set_ylabel("after teleport")
+        ax.legend(fontsize=8)
+    b.axhline(0, color="k", linewidth=0.5)
+    b.axvline(0, color="k", linewidth=0.5)
+    fig.suptitle("Fig. 8: each accepted teleport (above the diagonal = increased)", fontsize=10)
+    fig.tight_layout()
+    p8 = out / "fig8_before_after.png"
+    fig.savefig(p8, dpi=110)
+    plt.close(fig)
+    return [p5, p8]
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--datasets", nargs="+", default=["multimnist"], help="benchmarks.BENCHMARKS names")
     p.add_argument("--method", default="fairgrad")
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--num-train", type=int, default=6400)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--data-kw", type=json.loads, default={},
+                   help='per data set DataModule overrides, JSON: {"multimnist": {"num_train": 2000}}')
+    p.add_argument("--cost-kw", type=json.loads, default={}, help="other SymmetryTeleportCallback arguments, JSON")
     p.add_argument("--max-per-epoch", type=int, default=None, help="teleport budget per epoch (default: none)")
     p.add_argument("--min-steps-between", type=int, default=10)
     p.add_argument("--rules", nargs="+", default=["paper", "authors"])
@@ -89,22 +207,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--out", type=Path, default=Path("results/teleport_stats"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [run(rule, args) for rule in args.rules]
-    keys = ["steps", "wall_s", "teleports", "accepted", "trigger_ratio_per_epoch", "teleport_ms_mean",
-            "loss_drift_mean", "grad_norm_before_mean", "grad_norm_after_mean", "grad_norm_ratio_mean",
-            "conflicts_before_mean", "conflicts_after_mean", "min_cos_before_mean", "min_cos_after_mean"]
+    results: list[dict[str, Any]] = []
     forced = f", teleports FORCED every {args.force_every} steps" if args.force_every else ""
-    print(f"\nMultiMNIST, {args.method} + COST, {args.epochs} epochs x {args.num_train} composites, "
-          f"{args.threads} thread(s){forced}")
-    print(f"{'':28s}" + "".join(f"{r['rule']:>18s}" for r in results))
-    for k in keys:
-        vals = []
-        for r in results:
-            v = r[k]
-            vals.append(f"{v:>18.4g}" if isinstance(v, float) else f"{str(v):>18s}")
-        print(f"{k:28s}" + "".join(vals))
+    for ds in args.datasets:
+        per = [run(ds, rule, args) for rule in args.rules]
+        print_table(per, f"{ds}, {args.method} + COST, {args.epochs} epochs, {args.threads} thread(s){forced}")
+        results.extend(per)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "teleport_stats.json").write_text(json.dumps(results, indent=1))
+    (args.out / "teleport_stats.json").write_text(json.dumps({"argv": argv, "results": results}, indent=1))
+    for path in plot(results, args.out):
+        print(f"wrote {path}")
     return results
 
 

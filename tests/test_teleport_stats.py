@@ -1,0 +1,46 @@
+"""A small real run of the teleport-statistics script (paper Fig. 5a and Fig. 8)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from benchmarks import teleport_stats  # noqa: E402
+from benchmarks.data import default_data_root  # noqa: E402
+
+
+def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
+    for rel in ("mnist.npz", "multilabel/yeast.npz"):
+        if not (default_data_root() / rel).exists():
+            pytest.skip(f"data file {rel} not available")
+    argv = ["--datasets", "multimnist", "yeast", "--epochs", "2", "--force-every", "6", "--min-steps-between", "1",
+            "--data-kw", json.dumps({"multimnist": {"num_train": 640, "num_val": 100, "num_test": 100},
+                                     "yeast": {"batch_size": 256}}),
+            "--cost-kw", json.dumps({"inner_steps": 2, "num_perturbations": 2}), "--out", str(tmp_path)]
+    results = teleport_stats.main(argv)
+    assert [(r["dataset"], r["rule"]) for r in results] == [
+        ("multimnist", "paper"), ("multimnist", "authors"), ("yeast", "paper"), ("yeast", "authors")]
+    for r in results:
+        k = r["num_tasks"]
+        assert k == (2 if r["dataset"] == "multimnist" else 14)
+        assert r["threshold"] == (math.ceil(k / 2) if r["rule"] == "paper" else 1)
+        assert len(r["trigger_ratio_per_epoch"]) == 2
+        assert all(0.0 <= v <= 1.0 for v in r["trigger_ratio_per_epoch"])
+        hist = r["conflicting_tasks_histogram"]
+        # one count per optimizer step that was not a teleport (the teleporting batch takes no step)
+        assert sum(hist.values()) == r["steps"]
+        assert all(0 <= int(n) <= k for n in hist)
+        # the forced teleports happened and were measured before and after
+        assert r["teleports"] >= 1 and r["accepted"] >= 1
+        assert r["grad_norm_before_mean"] > 0 and r["grad_norm_after_mean"] > 0
+        assert -1.0 <= r["min_cos_after_mean"] <= 1.0
+        assert r["loss_drift_mean"] >= 0
+    saved = json.loads((tmp_path / "teleport_stats.json").read_text())
+    assert len(saved["results"]) == 4
+    for name in ("fig5a_trigger_ratio.png", "fig8_before_after.png"):
+        assert (tmp_path / name).stat().st_size > 5000, name
