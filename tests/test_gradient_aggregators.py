@@ -109,6 +109,39 @@ def test_bad_jacobian_raises_value_error(name: str, bad: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_any_non_finite_entry_raises_naming_its_row(name: str, dtype: torch.dtype, value: float) -> None:
+    # aggregate() no longer scans J: a non-finite entry is caught through G (or GradDrop's column sums)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        j = rand_jacobian(int(rng.integers(1000)), 4, 9, shift=0.3).to(dtype)
+        row, col = int(rng.integers(4)), int(rng.integers(9))
+        j[row, col] = value
+        with pytest.raises(ValueError, match=rf"non-finite entries in the rows of tasks \[{row}\]"):
+            build_aggregator(name).aggregate(j)
+
+
+@pytest.mark.parametrize("name", GRAMIAN_METHODS)
+def test_finite_jacobian_with_overflowing_gramian_raises(name: str) -> None:
+    j = rand_jacobian(0, 3, 5).float() * 1e20  # finite in float32, but G = J J^T overflows
+    with pytest.raises(ValueError, match="gramian has non-finite entries"):
+        build_aggregator(name).aggregate(j)
+
+
+def test_custom_gramian_aggregator_still_rejects_non_finite_jacobian() -> None:
+    class NormalizedMean(GramianAggregator):  # does not validate its Gramian itself
+        def weights(self, gramian: torch.Tensor) -> torch.Tensor:
+            return 1.0 / gramian.diagonal().sqrt() / gramian.shape[0]
+
+    j = rand_jacobian(1, 3, 6)
+    torch.testing.assert_close(NormalizedMean().aggregate(j), (j / j.norm(dim=1, keepdim=True)).mean(0))
+    j[2, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"rows of tasks \[2\]"):
+        NormalizedMean().aggregate(j)
+
+
+@pytest.mark.parametrize("name", METHODS)
 def test_non_tensor_raises_type_error(name: str) -> None:
     with pytest.raises(TypeError):
         build_aggregator(name).aggregate(np.ones((2, 3)))

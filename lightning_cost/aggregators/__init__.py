@@ -13,6 +13,7 @@ from lightning_cost.aggregators.base import (
     GramianAggregator,
     LossWeighting,
     check_jacobian,
+    check_jacobian_shape,
     check_losses,
 )
 
@@ -66,5 +67,6 @@ __all__ = [
     "aggregator_class",
     "build_aggregator",
     "check_jacobian",
+    "check_jacobian_shape",
     "check_losses",
 ]

@@ -26,7 +26,15 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-__all__ = ["AggregationError", "Aggregator", "GramianAggregator", "LossWeighting", "check_jacobian", "check_losses"]
+__all__ = [
+    "AggregationError",
+    "Aggregator",
+    "GramianAggregator",
+    "LossWeighting",
+    "check_jacobian",
+    "check_jacobian_shape",
+    "check_losses",
+]
 
 
 class AggregationError(RuntimeError):
@@ -37,8 +45,9 @@ class AggregationError(RuntimeError):
     """
 
 
-def check_jacobian(jacobian: Tensor) -> None:
-    """Validate a ``K x P`` Jacobian: 2-D, ``K >= 2``, ``P >= 1``, finite."""
+def check_jacobian_shape(jacobian: Tensor) -> None:
+    """Validate the type and shape of a ``K x P`` Jacobian (2-D, ``K >= 2``, ``P >= 1``) without
+    reading its entries."""
     if not isinstance(jacobian, Tensor):
         raise TypeError(f"jacobian must be a torch.Tensor, got {type(jacobian).__name__}")
     if jacobian.ndim != 2:
@@ -48,6 +57,11 @@ def check_jacobian(jacobian: Tensor) -> None:
         raise ValueError(f"multi-task aggregation needs at least 2 tasks, got K={k}")
     if p < 1:
         raise ValueError("jacobian has no columns (P=0): there are no shared parameters")
+
+
+def check_jacobian(jacobian: Tensor) -> None:
+    """Validate a ``K x P`` Jacobian: 2-D, ``K >= 2``, ``P >= 1``, finite (one pass over ``J``)."""
+    check_jacobian_shape(jacobian)
     if not torch.isfinite(jacobian).all():
         bad = (~torch.isfinite(jacobian)).any(dim=1).nonzero().flatten().tolist()
         raise ValueError(f"jacobian has non-finite entries in the rows of tasks {bad}")
@@ -80,17 +94,37 @@ class Aggregator(nn.Module, ABC):
 
 
 class GramianAggregator(Aggregator):
-    """An aggregator with ``d = J^T w`` and ``w = weights(J J^T)``."""
+    """An aggregator with ``d = J^T w`` and ``w = weights(J J^T)``.
+
+    :meth:`aggregate` reads ``J`` twice: once for ``G = J J^T`` (one matrix product in ``J``'s
+    dtype, at least float32) and once for ``J^T w``. It does not scan ``J`` for non-finite
+    entries separately: a NaN or infinity in row ``i`` makes ``G_ii`` (a sum of squares) NaN or
+    infinite, so ``J`` is finite whenever ``G`` is, and only a non-finite ``G`` sends ``J``
+    through :func:`check_jacobian` (which then names the rows). Built-in methods reject a
+    non-finite ``G`` inside :meth:`weights` (class attribute ``validates_gramian = True``); for
+    any other subclass :meth:`aggregate` checks ``G`` before calling :meth:`weights`.
+    """
+
+    #: Whether :meth:`weights` itself raises ``ValueError`` for a non-finite Gramian.
+    validates_gramian: bool = False
 
     @abstractmethod
     def weights(self, gramian: Tensor) -> Tensor:
         """Return the ``K`` task weights from the ``K x K`` Gramian ``G = J J^T``."""
 
     def aggregate(self, jacobian: Tensor) -> Tensor:
-        check_jacobian(jacobian)
+        check_jacobian_shape(jacobian)
         # at least float32 for the K x K Gramian: half-precision inner products lose the solve
         j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
-        w = self.weights(j @ j.T)
+        gramian = j @ j.T
+        if not self.validates_gramian and not bool(torch.isfinite(gramian).all()):
+            check_jacobian(jacobian)  # raises for a non-finite J; a finite J whose G overflowed goes on
+        try:
+            w = self.weights(gramian)
+        except ValueError:
+            if not bool(torch.isfinite(gramian).all()):
+                check_jacobian(jacobian)  # a non-finite J: say so, naming its rows
+            raise
         return (w.to(j.dtype) @ j).to(jacobian.dtype)
 
 

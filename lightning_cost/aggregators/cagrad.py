@@ -50,6 +50,8 @@ class CAGrad(GramianAggregator):
     the weights are unchanged.
     """
 
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
+
     def __init__(self, c: float = 0.4, rescale: int = 1) -> None:
         super().__init__()
         if not c >= 0.0:

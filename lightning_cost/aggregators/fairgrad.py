@@ -46,6 +46,8 @@ class FairGrad(GramianAggregator):
     there is no fallback to equal weights.
     """
 
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
+
     def __init__(
         self, alpha: float = 2.0, scale_and_clip: bool = False, max_norm: float = 1.0, tol: float = 1e-6
     ) -> None:

@@ -37,6 +37,8 @@ class IMTLG(GramianAggregator):
     and rescaling a single task's gradient by ``c_i > 0`` only rescales ``d``.
     """
 
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
+
     def weights(self, gramian: Tensor) -> Tensor:
         g = gramian_as_float64(gramian)
         norms = require_nonzero_norms(g, "IMTL-G", "IMTL-G needs every unit gradient g_i / ||g_i||")

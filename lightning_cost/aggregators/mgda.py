@@ -26,9 +26,10 @@ def gramian_as_float64(gramian: Tensor) -> np.ndarray:
         raise ValueError(f"gramian must be a square [K, K] matrix, got shape {tuple(gramian.shape)}")
     if gramian.shape[0] < 2:
         raise ValueError(f"multi-task aggregation needs at least 2 tasks, got K={gramian.shape[0]}")
-    if not torch.isfinite(gramian).all():
-        raise ValueError("gramian has non-finite entries")
+    # one device-to-host copy; the finiteness test then runs on the K x K numpy array
     g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(g).all():
+        raise ValueError("gramian has non-finite entries")
     return 0.5 * (g + g.T)
 
 
@@ -129,6 +130,8 @@ class MGDA(GramianAggregator):
     ``ValueError`` naming the task. An all-zero Jacobian gives uniform weights and
     ``d = 0``. Scaling ``J -> cJ`` leaves the weights unchanged (``d -> cd``).
     """
+
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
 
     def __init__(self, normalization: str = "none") -> None:
         super().__init__()

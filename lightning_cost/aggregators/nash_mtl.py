@@ -79,6 +79,8 @@ class NashMTL(GramianAggregator):
     ``1e-3``, raise :class:`AggregationError`; there is no fallback to equal weights.
     """
 
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
+
     def __init__(
         self,
         max_iter: int = 20,

@@ -54,6 +54,8 @@ class PCGrad(GramianAggregator):
     pairwise give ``d = sum_i g_i``.
     """
 
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
+
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
         self.seed = seed
