@@ -25,7 +25,27 @@ from benchmarks.models import MultiTaskNet
 from benchmarks.tasks import TaskSpec, make_task_metric, task_loss
 from lightning_cost.mixin import MultiTaskMixin
 
-__all__ = ["MTLBenchModule", "SingleTaskModule", "build_module"]
+__all__ = ["MTLBenchModule", "SingleTaskModule", "build_module", "make_lr_scheduler"]
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, spec: dict[str, Any]) -> dict[str, Any]:
+    """A Lightning ``lr_scheduler`` config from ``spec`` (the runner's ``--lr-scheduler``).
+
+    * ``{"name": "step", "step_size": N, "gamma": g}``: ``StepLR``, stepped every epoch (the paper's
+      CityScapes/NYUv2 schedule: lr halved after 100 epochs).
+    * ``{"name": "plateau", "factor": f, "patience": p, "min_lr": m}``: ``ReduceLROnPlateau`` on
+      ``val/score`` (``mode="max"``: higher is better; ``"monitor"`` picks another key), the QM9 schedule.
+    """
+    kw = dict(spec)
+    name = str(kw.pop("name", "")).lower()
+    if name in ("step", "steplr"):
+        return {"scheduler": torch.optim.lr_scheduler.StepLR(optimizer, **kw), "interval": "epoch"}
+    if name in ("plateau", "reducelronplateau"):
+        monitor = kw.pop("monitor", "val/score")
+        kw.setdefault("mode", "max")
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, **kw)
+        return {"scheduler": sched, "monitor": monitor, "interval": "epoch", "strict": True}
+    raise ValueError(f"unknown lr scheduler {spec!r}: name must be 'step' or 'plateau'")
 
 
 class _EvalMixin:
@@ -76,9 +96,15 @@ class _EvalMixin:
     def on_test_epoch_end(self) -> None:
         self._eval_end("test", self.test_metrics)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    #: optional lr schedule, see :func:`make_lr_scheduler` (set by the runner's ``--lr-scheduler``)
+    lr_scheduler: dict[str, Any] | None = None
+
+    def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        opt = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        if not self.lr_scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": make_lr_scheduler(opt, self.lr_scheduler)}
 
 
 class MTLBenchModule(_EvalMixin, MultiTaskMixin, L.LightningModule):

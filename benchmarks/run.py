@@ -84,6 +84,9 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--regression-loss", type=str, default="mse")
+    p.add_argument("--lr-scheduler", type=dict | None, default=None,
+                   help='optional lr schedule: {"name": "step", "step_size": 100, "gamma": 0.5} or '
+                        '{"name": "plateau", "factor": 0.7, "patience": 5, "min_lr": 1e-5} (on val/score)')
     p.add_argument("--data-kw", type=dict, default={}, help="DataModule arguments (num_train, ...)")
     p.add_argument("--model-kw", type=dict, default={}, help="benchmarks.make_model arguments")
     p.add_argument("--method-kw", type=dict, default={}, help="{method: {hyper-parameter: value}}")
@@ -188,8 +191,7 @@ def train_one(dm: Any, cfg: dict[str, Any], *, seed: int, method: str = "ls", co
     """Train one model (``task`` given: a single-task baseline), select on validation, test it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from benchmarks import make_model
-    from benchmarks.lit import MTLBenchModule, SingleTaskModule
+    from benchmarks import make_model, module_classes
     from lightning_cost.teleport.callback import SymmetryTeleportCallback
 
     L.seed_everything(seed, workers=True, verbose=False)
@@ -197,12 +199,18 @@ def train_one(dm: Any, cfg: dict[str, Any], *, seed: int, method: str = "ls", co
     specs = dm.task_specs
     net = make_model(dm, **cfg["model_kw"])
     common = dict(lr=cfg["lr"], weight_decay=cfg["weight_decay"], regression_loss=cfg["regression_loss"])
+    mtl_cls, stl_cls = module_classes(dm)
     if task is not None:
-        module: L.LightningModule = SingleTaskModule(net, specs, task, **common)
+        module: L.LightningModule = stl_cls(net, specs, task, **common)
         eval_specs = [s for s in specs if s.name == task]
     else:
-        module = MTLBenchModule(net, specs, method=method, method_kw=cfg["method_kw"].get(method, {}), **common)
+        module = mtl_cls(net, specs, method=method, method_kw=cfg["method_kw"].get(method, {}), **common)
         eval_specs = list(specs)
+    if cfg.get("lr_scheduler"):
+        module.lr_scheduler = dict(cfg["lr_scheduler"])
+    # every reported metric and its direction (several per task for the dense benchmarks)
+    directions = getattr(module, "metric_directions", None) or {
+        f"{s.name}/{s.metric}": bool(s.higher_is_better) for s in eval_specs}
     recorder = _EpochRecorder()
     callbacks: list[Any] = [recorder]
     teleport = None
@@ -232,7 +240,7 @@ def train_one(dm: Any, cfg: dict[str, Any], *, seed: int, method: str = "ls", co
         tested = trainer.test(module, datamodule=dm, ckpt_path=best if best else None, verbose=False)[0]
     if not cfg["keep_checkpoints"]:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
-    test = {f"{s.name}/{s.metric}": _finite(tested.get(f"test/{s.name}/{s.metric}")) for s in eval_specs}
+    test = {k: _finite(tested.get(f"test/{k}")) for k in directions}
     scores = [e.get("val/score", float("nan")) for e in recorder.epochs]
     best_i = int(np.nanargmax(scores)) if scores and not all(math.isnan(s) for s in scores) else len(scores) - 1
     best_val = recorder.epochs[best_i] if recorder.epochs else {}
@@ -246,7 +254,7 @@ def train_one(dm: Any, cfg: dict[str, Any], *, seed: int, method: str = "ls", co
         teleports, rejected, teleport_seconds = 0, 0, 0.0
     return {
         "test": test,
-        "higher_is_better": {f"{s.name}/{s.metric}": bool(s.higher_is_better) for s in eval_specs},
+        "higher_is_better": dict(directions),
         "val": {k[4:]: v for k, v in best_val.items() if k.startswith("val/")},
         "best_epoch": int(best_val.get("epoch", -1)),
         "epochs": recorder.epochs,
@@ -309,6 +317,8 @@ def run_benchmark(cfg: dict[str, Any]) -> dict[str, Any]:
     common = {k: cfg[k] for k in ("dataset", "epochs", "lr", "weight_decay", "regression_loss", "model_kw",
                                   "limit_train_batches")}
     common["data_kw"] = data_kw
+    if cfg.get("lr_scheduler"):  # only when set, so that the cached runs of other configs keep their keys
+        common["lr_scheduler"] = cfg["lr_scheduler"]
     dm = None
 
     def datamodule() -> Any:
