@@ -40,6 +40,15 @@ into the update:
   the network. The value returned is the method's objective (for display); only its gradient is
   the surrogate's.
 
+**Representation gradients** (optional, for the teleport's ``trigger_on="representation"``):
+after :meth:`request_representation_jacobian`, each step also records the per-task gradients
+w.r.t. the shared representation in ``mtl_step.representation_jacobian`` (``[K, B, D]``). The
+representation is the output of the shared module when ``configure_multitask`` got a module (a
+forward hook captures it during ``training_step``), or whatever ``training_step`` passes to
+:meth:`mark_representation`. With a Jacobian step these gradients come out of the same K
+vector-Jacobian products (no extra pass); with a loss weighting they cost K backward passes
+through the heads only.
+
 Non-finite losses or gradients: the step is skipped with a warning and the weights are left
 untouched. With a fp16 ``GradScaler`` the non-finite gradients are handed to the scaler instead,
 which skips the step and lowers its scale, as in ordinary mixed-precision training.
@@ -59,7 +68,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.aggregators import AggregationError, Aggregator, LossWeighting, aggregator_class, build_aggregator
+from lightning_cost.aggregators import (
+    AggregationError,
+    Aggregator,
+    LossWeighting,
+    aggregator_class,
+    build_aggregator,
+)
 from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_
 from lightning_cost.protocol import StepRecord
 
@@ -69,7 +84,7 @@ log = logging.getLogger(__name__)
 
 
 def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
 
 
 class MultiTaskMixin:
@@ -154,6 +169,14 @@ class MultiTaskMixin:
         self._mtl_silent = False
         self._mtl_epoch_seen: int | None = None
         self._mtl_drop_grads = False
+        self._mtl_shared_module_name: str | None = (
+            next((n for n, m in self.named_modules() if m is shared), None) if isinstance(shared, nn.Module) else None
+        )
+        self._mtl_rep_requested = False
+        self._mtl_rep_hook: Any = None
+        self._mtl_capture = False
+        self._mtl_reps: list[Tensor] = []
+        self._mtl_marked: list[Tensor] = []
 
     # ------------------------------------------------------------------ protocol
     def shared_parameters(self) -> list[nn.Parameter]:
@@ -164,6 +187,37 @@ class MultiTaskMixin:
     def request_jacobian(self, enabled: bool = True) -> None:
         """Compute the per-task Jacobian every step even when the method does not need it."""
         self._mtl_jacobian_requested = bool(enabled)
+
+    def request_representation_jacobian(self, enabled: bool = True) -> None:
+        """Record ``mtl_step.representation_jacobian`` (per-task gradients w.r.t. the shared representation).
+
+        The representation is the output of the module given as ``shared`` to
+        :meth:`configure_multitask` (captured by a forward hook during ``training_step`` only), or,
+        if ``training_step`` calls :meth:`mark_representation`, the tensors it marks.
+        """
+        self._mtl_rep_requested = bool(enabled)
+        name = self._mtl_shared_module_name
+        if enabled and self._mtl_rep_hook is None and name is not None:
+            module = self.get_submodule(name)  # type: ignore[attr-defined]
+            self._mtl_rep_hook = module.register_forward_hook(self._mtl_capture_output)
+        elif not enabled and self._mtl_rep_hook is not None:
+            self._mtl_rep_hook.remove()
+            self._mtl_rep_hook = None
+
+    def mark_representation(self, z: Tensor) -> Tensor:
+        """Mark ``z`` as (part of) the shared representation of this step; returns ``z`` unchanged.
+
+        Call it in ``training_step`` on the output of the shared part when the shared parameters were
+        given as a list (or to choose another tensor than the shared module's output). Cheap no-op
+        unless :meth:`request_representation_jacobian` is on.
+        """
+        if getattr(self, "_mtl_capture", False):
+            self._mtl_marked.append(z)
+        return z
+
+    def _mtl_capture_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if getattr(self, "_mtl_capture", False) and isinstance(output, Tensor):
+            self._mtl_reps.append(output)
 
     @property
     def needs_jacobian(self) -> bool:
@@ -195,7 +249,7 @@ class MultiTaskMixin:
                     f"training_step must return exactly the task losses {self.task_names}; got keys {sorted(keys)}"
                 )
             losses = [out[t] for t in self.task_names]
-            for t, v in zip(self.task_names, losses):
+            for t, v in zip(self.task_names, losses, strict=True):
                 if not isinstance(v, Tensor) or v.numel() != 1:
                     raise ValueError(f"the loss of task {t!r} must be a scalar tensor, got {v!r}")
             return torch.stack([v.reshape(()).float() for v in losses])
@@ -216,18 +270,33 @@ class MultiTaskMixin:
 
     def _mtl_training_step(self, user_step: Any, *args: Any, **kwargs: Any) -> Tensor | None:
         self._mtl_inside_step = True
+        self._mtl_reps, self._mtl_marked = [], []
+        self._mtl_capture = bool(getattr(self, "_mtl_rep_requested", False))
         try:
             losses = self._mtl_stack(user_step(self, *args, **kwargs))
         finally:
             self._mtl_inside_step = False
+            self._mtl_capture = False
+        reps = [z for z in (self._mtl_marked or self._mtl_reps) if z.requires_grad]
+        self._mtl_reps, self._mtl_marked = [], []
         method = self.mtl_method
         epoch = int(getattr(self, "current_epoch", 0)) if getattr(self, "_trainer", None) is not None else 0
         if self._mtl_epoch_seen is not None and epoch != self._mtl_epoch_seen and isinstance(method, LossWeighting):
             method.on_epoch_end()
         self._mtl_epoch_seen = epoch
         if self.needs_jacobian:
-            return self._mtl_jacobian_step(losses)
-        return self._mtl_weighting_step(losses)
+            return self._mtl_jacobian_step(losses, reps)
+        return self._mtl_weighting_step(losses, reps)
+
+    @staticmethod
+    def _mtl_rep_rows(grads: Sequence[Tensor | None], reps: Sequence[Tensor], scale: float) -> Tensor:
+        """One task's representation gradients as ``[B, D]`` (``[1, N]`` if the reps disagree on ``B``)."""
+        parts = [(g if g is not None else torch.zeros_like(z)).detach().float() for g, z in zip(grads, reps, strict=True)]
+        if len({p.shape[0] if p.ndim else -1 for p in parts}) == 1 and parts[0].ndim >= 1:
+            out = torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)
+        else:
+            out = torch.cat([p.reshape(-1) for p in parts]).unsqueeze(0)
+        return out / scale if scale != 1.0 else out
 
     def _mtl_skip(self, record: StepRecord, why: str) -> None:
         """Mark the step as skipped: the gradients are dropped before the optimizer step."""
@@ -248,7 +317,7 @@ class MultiTaskMixin:
                     p.grad = None
             self._mtl_drop_grads = False
 
-    def _mtl_weighting_step(self, losses: Tensor) -> Tensor | None:
+    def _mtl_weighting_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
         """Loss weighting without a Jacobian: one ordinary backward of the method's objective."""
         method: LossWeighting = self.mtl_method  # type: ignore[assignment]
         global_losses = all_reduce_mean(losses.detach())
@@ -259,12 +328,22 @@ class MultiTaskMixin:
                 return losses.sum()
             self._mtl_skip(record, f"non-finite task losses {global_losses.tolist()}")
             return (losses * 0.0).sum()  # a backward still runs (DDP needs it); its gradients are dropped
+        if reps:  # K backward passes through the heads only, to the representation
+            scaler = self._mtl_scaler()
+            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+            rows = [
+                self._mtl_rep_rows(
+                    torch.autograd.grad(losses[i] * scale, list(reps), retain_graph=True, allow_unused=True),
+                    reps, scale)
+                for i in range(losses.shape[0])
+            ]
+            record.representation_jacobian = torch.stack(rows)
         objective = method(losses)
         method.observe(global_losses)
         self.mtl_step = record
         return objective
 
-    def _mtl_jacobian_step(self, losses: Tensor) -> Tensor | None:
+    def _mtl_jacobian_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
         shared = self.shared_parameters()
         method_ids = {id(p) for p in self.mtl_method.parameters()}
         shared_ids = {id(p) for p in shared}
@@ -278,10 +357,11 @@ class MultiTaskMixin:
             raise RuntimeError("no shared parameter requires grad: nothing to aggregate")
         scaler = self._mtl_scaler()
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-        inputs = shared_trainable + others
-        n_shared = len(shared_trainable)
+        inputs = shared_trainable + others + list(reps)  # representation gradients come out of the same VJPs
+        n_shared, n_others = len(shared_trainable), len(others)
         k = losses.shape[0]
         rows: list[Tensor] = []
+        rep_rows: list[Tensor] = []
         other_grads: list[list[Tensor | None]] = []
         for i in range(k):
             grads = torch.autograd.grad(
@@ -291,13 +371,16 @@ class MultiTaskMixin:
                 allow_unused=True,
             )
             rows.append(_flat(grads[:n_shared], shared_trainable))
-            other_grads.append(list(grads[n_shared:]))
+            other_grads.append(list(grads[n_shared : n_shared + n_others]))
+            if reps:
+                rep_rows.append(self._mtl_rep_rows(grads[n_shared + n_others :], reps, scale))
         jacobian = torch.stack(rows)
         if scale != 1.0:
             jacobian.div_(scale)
         all_reduce_mean_(jacobian)
         global_losses = all_reduce_mean(losses.detach())
-        record = StepRecord(losses=global_losses, jacobian=jacobian)
+        record = StepRecord(losses=global_losses, jacobian=jacobian,
+                            representation_jacobian=torch.stack(rep_rows) if rep_rows else None)
         record.finite = bool(torch.isfinite(jacobian).all() and torch.isfinite(global_losses).all())
 
         coeffs: Tensor
@@ -336,7 +419,7 @@ class MultiTaskMixin:
     def _mtl_combine(grads: Sequence[Tensor | None], coeffs: Tensor, scale: float) -> Tensor | None:
         """``sum_k c_k g_k / scale`` over the tasks that reach this parameter (``None`` if none does)."""
         total: Tensor | None = None
-        for c, g in zip(coeffs, grads):
+        for c, g in zip(coeffs, grads, strict=True):
             if g is not None:
                 total = g * c if total is None else total + g * c
         return total / scale if total is not None and scale != 1.0 else total
@@ -374,7 +457,7 @@ class MultiTaskMixin:
             return self.mtl_method.aggregate(jacobian)
         if n == 0:
             return torch.zeros_like(jacobian[0])
-        zero_tasks = [t for t, nz in zip(self.task_names, nonzero.tolist()) if not nz]
+        zero_tasks = [t for t, nz in zip(self.task_names, nonzero.tolist(), strict=True) if not nz]
         log.debug("lightning_cost: tasks %s have a zero shared gradient this step; aggregating the rest", zero_tasks)
         if n == 1:
             return jacobian[nonzero][0]

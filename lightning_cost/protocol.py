@@ -33,6 +33,12 @@ class StepRecord:
         finite: ``False`` when losses or gradients were non-finite; such a step is not stepped.
         skipped: ``True`` when the optimizer step of this batch was skipped by the core.
         extras: method-specific diagnostics (e.g. task weights).
+        representation_jacobian: ``[K, B, D]`` gradients of the task losses w.r.t. the shared
+            *representation* (the output of the shared part, ``B`` its first dimension, ``D`` the
+            rest flattened), or ``None`` unless requested (optional hook
+            ``request_representation_jacobian``, see below). Unscaled and detached, but **local**
+            to the rank: its rows are samples, which cannot be averaged over ranks (reduce a
+            statistic of it, e.g. its ``K x K`` Gram matrix, instead).
     """
 
     losses: Tensor
@@ -41,6 +47,7 @@ class StepRecord:
     finite: bool = True
     skipped: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
+    representation_jacobian: Tensor | None = None
 
 
 @runtime_checkable
@@ -64,3 +71,7 @@ class MultiTaskModule(Protocol):
     def request_jacobian(self, enabled: bool = True) -> None:
         """Ask the core to fill ``mtl_step.jacobian`` on every step, even for loss-weighting methods."""
         ...
+
+    # Optional (not part of the runtime check): ``request_representation_jacobian(enabled=True)``
+    # asks the core to fill ``mtl_step.representation_jacobian``. The teleport callback needs it
+    # only with ``trigger_on="representation"``; :class:`~lightning_cost.MultiTaskMixin` has it.

@@ -96,7 +96,7 @@ def test_sample_sphere_has_the_radius_and_is_seeded():
     b = sample_sphere(shapes, 0.3, torch.Generator().manual_seed(1))
     norm = torch.sqrt(sum((t.double() ** 2).sum() for t in a))
     assert norm.item() == pytest.approx(0.3, rel=1e-6)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 # ---------------------------------------------------------------- HTR (eqs. 12-13)
@@ -201,10 +201,10 @@ def test_adapter_discard_is_bit_exact_and_eps_call_matches_perturbed_weights():
     got = ad.call(model.evaluate_task_losses, batch, 0, eps=eps)
     assert got.requires_grad and torch.autograd.grad(got.sum(), ad.lora_parameters()[1]) is not None  # path to B
     ad.discard()
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     ref = copy.deepcopy(model)
     with torch.no_grad():
-        for p, e in zip(ref.shared_parameters(), eps):
+        for p, e in zip(ref.shared_parameters(), eps, strict=True):
             p.add_(e)
     torch.testing.assert_close(got.detach(), ref.evaluate_task_losses(batch).detach(), rtol=1e-5, atol=1e-6)
 
@@ -264,7 +264,7 @@ def test_forced_teleport_keeps_losses_moves_weights_keeps_optimizer_params():
     assert tele.num_teleports == 1 and len(tele.history) == 1
     rec = tele.history[0]
     assert rec["accepted"] and rec["step"] == 3
-    for a, b in zip(rec["losses_after"], rec["losses_before"]):
+    for a, b in zip(rec["losses_after"], rec["losses_before"], strict=True):
         assert abs(a - b) <= tele.loss_tolerance * abs(b) + tele.abs_tolerance
     names = [n for n, _ in model.named_parameters()]
     shared_idx = [names.index(n) for n in model._mtl_shared_names]
@@ -272,7 +272,7 @@ def test_forced_teleport_keeps_losses_moves_weights_keeps_optimizer_params():
     assert moved  # the shared weights moved...
     head_idx = [i for i, n in enumerate(names) if n.startswith("heads")]
     assert all(torch.equal(spy.snap["params"][i], after.params[i]) for i in head_idx)  # ...the heads did not
-    assert all(torch.equal(a, b) for a, b in zip(spy.snap["buffers"], after.buffers))  # BN stats as they went in
+    assert all(torch.equal(a, b) for a, b in zip(spy.snap["buffers"], after.buffers, strict=True))  # BN stats as they went in
     assert after.opt_ids == {id(p) for p in model.parameters()}
     assert all(p.requires_grad for p in model.parameters())
     assert not any("lora" in n for n in model.state_dict())
@@ -296,7 +296,7 @@ def test_teleporting_batch_takes_no_step_and_htr_touches_only_shared_state():
             assert int(opt.state[p]["step"]) == opt_steps - 1  # the teleporting batch did not step
     assert t_on._pending_sigma is None  # HTR was applied at the next step
     names = [n for n, _ in m_on.named_parameters()]
-    for n, p_on, p_off in zip(names, m_on.parameters(), m_off.parameters()):
+    for n, p_on, p_off in zip(names, m_on.parameters(), m_off.parameters(), strict=True):
         same = torch.equal(p_on, p_off)
         assert same != (n in m_on._mtl_shared_names), n  # only the shared parameters differ
 
@@ -312,8 +312,8 @@ def test_rejected_teleport_restores_everything_bit_for_bit(caplog):
             if trainer.global_step == 3:
                 opt = trainer.optimizers[0]
                 self.ok = (
-                    all(torch.equal(a, b) for a, b in zip(spy.snap["params"], pl_module.parameters()))
-                    and all(torch.equal(a, b) for a, b in zip(spy.snap["buffers"], pl_module.buffers()))
+                    all(torch.equal(a, b) for a, b in zip(spy.snap["params"], pl_module.parameters(), strict=True))
+                    and all(torch.equal(a, b) for a, b in zip(spy.snap["buffers"], pl_module.buffers(), strict=True))
                     and all(torch.equal(v, opt.state[p][k]) for p in pl_module.parameters() if id(p) in spy.snap["opt"]
                             for k, v in spy.snap["opt"][id(p)].items())
                 )
@@ -360,7 +360,7 @@ def test_ablation_switches_change_the_teleport(switch):
         spy = Spy()
         fit(model, [Force(tele), spy, tele], steps=4)
         moved[flag] = [p.detach().clone() for p in model.shared_parameters()]
-    assert any(not torch.equal(a, b) for a, b in zip(moved[True], moved[False]))
+    assert any(not torch.equal(a, b) for a, b in zip(moved[True], moved[False], strict=True))
 
 
 def test_trigger_counts_only_stepping_micro_batches():
@@ -383,7 +383,7 @@ def test_warmup_and_spacing_limit_teleports():
     tele.trigger = Always()
     fit(model, [tele], steps=10)
     steps = [r["step"] for r in tele.history]
-    assert steps[0] >= 2 and all(b - a >= 3 for a, b in zip(steps, steps[1:])) and len(steps) >= 2
+    assert steps[0] >= 2 and all(b - a >= 3 for a, b in zip(steps, steps[1:], strict=False)) and len(steps) >= 2
 
 
 def test_resume_restores_counters_and_history(tmp_path):
@@ -418,11 +418,14 @@ def test_bf16_and_fp16_scaler_runs_teleport_with_finite_weights():
         scales = []
 
         class Scale(L.Callback):
+            def __init__(self, out):
+                self.out = out
+
             def on_after_backward(self, trainer, pl_module):
                 s = getattr(trainer.precision_plugin, "scaler", None)
-                scales.append(s.get_scale() if s is not None else None)
+                self.out.append(s.get_scale() if s is not None else None)
 
-        fit(model, [Force(tele, steps=(2, 4)), tele, Scale()], steps=6, **kw)
+        fit(model, [Force(tele, steps=(2, 4)), tele, Scale(scales)], steps=6, **kw)
         assert len(tele.history) == 2 and all(torch.isfinite(p).all() for p in model.parameters())
         assert any(r["accepted"] for r in tele.history)
         if "plugins" in kw:
@@ -448,9 +451,9 @@ def test_ddp_teleport_leaves_identical_weights_on_both_ranks(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2))
     assert len(r0["history"]) == 1 and r0["history"][0]["accepted"]
     assert r0["history"][0]["losses_after"] == r1["history"][0]["losses_after"]
-    for a, b in zip(r0["params"], r1["params"]):
+    for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(r0["opt_state"], r1["opt_state"]):
+    for a, b in zip(r0["opt_state"], r1["opt_state"], strict=True):
         assert torch.equal(a, b)
 
 
@@ -493,3 +496,228 @@ def test_check_every_checks_and_pays_for_the_jacobian_on_every_nth_step_only():
     assert jac_steps == [i % 3 == 0 for i in range(8)]
     with pytest.raises(ValueError):
         SymmetryTeleportCallback(check_every=0)
+
+
+# ---------------------------------------------------------------- speed levers (issue 5)
+
+
+def test_merged_weight_evaluation_equals_the_peft_lora_branch():
+    """The adapter evaluates ``W + s B A`` as a weight; PEFT's own LoRA forward gives the same losses."""
+    torch.manual_seed(0)
+    model = TinyMTL(k=2)
+    batch = next(iter(loader(regression_data(k=2))))
+    ad = TeleportAdapter(model, model.shared_parameters(), rank=3, alpha=6.0)
+    ad.inject()
+    with torch.no_grad():
+        for p in ad.lora_parameters():
+            p.normal_(0.0, 0.3)  # a non-trivial dtheta (B starts at 0)
+    got = ad.call(model.evaluate_task_losses, batch, 0)
+    assert got.requires_grad
+    grads = torch.autograd.grad(got.sum(), ad.lora_parameters())
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    buffers = [b.clone() for b in model.buffers()]
+    with torch.no_grad():
+        for _, layer in ad._lora_layers:
+            layer.enable_adapters(True)  # PEFT's branch: base(x) + B(A(x)) * s
+        peft_losses = model.evaluate_task_losses(batch)
+        for _, layer in ad._lora_layers:
+            layer.enable_adapters(False)
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+    torch.testing.assert_close(got.detach(), peft_losses, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ad.merge()
+        merged = model.evaluate_task_losses(batch)
+    torch.testing.assert_close(merged, got.detach(), rtol=1e-6, atol=1e-6)  # the merged point is the point evaluated
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_batched_perturbations_match_the_loop(batchnorm):
+    """Lever (a): the n~ perturbed losses of eq. 9 in one vmapped pass equal n~ separate forwards."""
+    torch.manual_seed(0)
+    model = WithRaw() if batchnorm else TinyMTL(k=3, batchnorm=False)
+    model.train()
+    batch = next(iter(loader(regression_data(k=len(model.task_names)))))
+    shared = model.shared_parameters()
+    ad = TeleportAdapter(model, shared, rank=2)
+    ad.inject()
+    with torch.no_grad():
+        for p in ad.parameters():
+            p.normal_(0.0, 0.1)
+    g = torch.Generator().manual_seed(3)
+    draws = [sample_sphere([p.shape for p in shared], 0.05, g) for _ in range(5)]
+    base = ad.overrides()
+    buffers = [b.clone() for b in model.buffers()]
+    with torch.no_grad():
+        stacked = [torch.stack(parts) for parts in zip(*draws, strict=True)]
+        batched = ad.call_batched(model.evaluate_task_losses, batch, 0, eps=stacked, overrides=base)
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.buffers(), strict=True))  # private BN copies
+    loop = []
+    with torch.no_grad():
+        for eps in draws:
+            loop.append(ad.call(model.evaluate_task_losses, batch, 0, eps=eps, overrides=base))
+            for b, saved in zip(model.buffers(), buffers, strict=True):
+                b.copy_(saved)
+    loop = torch.stack(loop)
+    assert batched.shape == loop.shape == (5, len(model.task_names))
+    torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-6)
+    ratios = balance_ratios(torch.rand(len(model.task_names)) + 0.1)
+    lg_batched = max(float(sharpness(lp, ratios)) for lp in batched)
+    lg_loop = max(float(sharpness(lp, ratios)) for lp in loop)
+    assert lg_batched == pytest.approx(lg_loop, rel=1e-5, abs=1e-7)
+    ad.discard()
+
+
+def test_callback_batched_perturbations_give_the_same_teleport():
+    moved = {}
+    for batched in (False, True):
+        L.seed_everything(0)
+        model = TinyMTL(k=3)
+        tele = SymmetryTeleportCallback(inner_steps=3, max_teleports_per_epoch=None, batched_perturbations=batched,
+                                        gamma=1.0, radius=0.05)
+        fit(model, [Force(tele), tele], steps=4)
+        assert tele.num_teleports == 1
+        moved[batched] = ([p.detach().clone() for p in model.shared_parameters()], tele.history[0])
+    (w0, h0), (w1, h1) = moved[False], moved[True]
+    for a, b in zip(w0, w1, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(h0["inner_terms"]), torch.tensor(h1["inner_terms"]), rtol=1e-4, atol=1e-6)
+    assert h0["displacement_norm"] > 0 and h0["displacement_rel"] > 0
+
+
+def test_the_trigger_reuses_the_aggregators_jacobian():
+    """Lever (c): with a gradient aggregator, COST's trigger costs no extra per-task backward pass.
+
+    The trigger reads the very tensor the aggregator got (``mtl_step.jacobian``), and a step does K
+    vector-Jacobian products with or without the callback.
+    """
+    from lightning_cost.aggregators import build_aggregator
+
+    seen: dict[str, list] = {"agg": [], "trig": [], "grad_calls": []}
+
+    class SpyAgg(type(build_aggregator("mgda"))):
+        def aggregate(self, jacobian):
+            seen["agg"].append(jacobian)
+            return super().aggregate(jacobian)
+
+    class SpyTrigger(ConflictTrigger):
+        def __call__(self, jacobian):
+            seen["trig"].append(jacobian)
+            return super().__call__(jacobian)
+
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args, **kwargs):
+        seen["grad_calls"].append(1)
+        return real_grad(*args, **kwargs)
+
+    calls = {}
+    for with_cost in (False, True):
+        L.seed_everything(0)
+        model = TinyMTL(k=3, method=SpyAgg())
+        cbs = []
+        if with_cost:
+            tele = SymmetryTeleportCallback(max_teleports_per_epoch=0)
+            tele.trigger = SpyTrigger()
+            cbs = [tele]
+        seen["grad_calls"].clear()
+        torch.autograd.grad = counting_grad
+        try:
+            fit(model, cbs, steps=4)
+        finally:
+            torch.autograd.grad = real_grad
+        calls[with_cost] = len(seen["grad_calls"])
+    assert calls[True] == calls[False] == 4 * 3  # K VJPs per step, none added by the trigger
+    assert len(seen["trig"]) == 4
+    assert all(t is a for t, a in zip(seen["trig"], seen["agg"][-4:], strict=True))
+
+
+def test_teleport_every_forces_evenly_spaced_teleports():
+    L.seed_everything(0)
+    model = TinyMTL(k=2)
+    tele = SymmetryTeleportCallback(teleport_every=4, max_teleports_per_epoch=None, inner_steps=1,
+                                    num_perturbations=1, loss_tolerance=10.0)
+    fit(model, [tele], steps=12)
+    assert [r["step"] for r in tele.history] == [2, 6, 10]
+    with pytest.raises(ValueError):
+        SymmetryTeleportCallback(teleport_every=-1)
+
+
+# ---------------------------------------------------------------- representation trigger (lever d)
+
+
+def test_gram_cosines_equal_the_jacobian_cosines():
+    from lightning_cost.teleport.trigger import conflict_cosines_from_gram, representation_gram
+
+    torch.manual_seed(0)
+    for k in (2, 3, 14):
+        j = torch.randn(k, 50)
+        torch.testing.assert_close(conflict_cosines_from_gram(j @ j.T), conflict_cosines(j), rtol=1e-5, atol=1e-6)
+        rj = torch.randn(k, 8, 5)
+        torch.testing.assert_close(representation_gram(rj, "flatten"), (rj.reshape(k, -1) @ rj.reshape(k, -1).T).double())
+        torch.testing.assert_close(representation_gram(rj, "mean"), (rj.sum(1) @ rj.sum(1).T).double())
+        assert ConflictTrigger().from_gram(j @ j.T).fire == ConflictTrigger()(j).fire
+
+
+@pytest.mark.parametrize("method", ["ls", "mgda"])
+def test_representation_jacobian_is_the_gradient_wrt_the_trunk_output(method):
+    """Loss weighting (K passes through the heads) and Jacobian path (same VJPs) record dL_i/dz."""
+    torch.manual_seed(0)
+    model = TinyMTL(k=3, method=method)
+    x, y = next(iter(loader(regression_data(k=3))))
+    model.training_step((x, y), 0)
+    assert model.mtl_step.representation_jacobian is None  # not requested: nothing recorded
+    model.request_representation_jacobian(True)
+    model.training_step((x, y), 0)
+    rj = model.mtl_step.representation_jacobian
+    assert rj.shape == (3, 32, 16)
+    assert (model.mtl_step.jacobian is None) == (method == "ls")
+    z = model.trunk(x)
+    losses = model.evaluate_task_losses((x, y))
+    for i in range(3):
+        loss = torch.nn.functional.mse_loss(model.heads[i](z).squeeze(-1), y[:, i])
+        torch.testing.assert_close(loss, losses[i])
+        (g,) = torch.autograd.grad(loss, z)
+        torch.testing.assert_close(rj[i], g, rtol=1e-5, atol=1e-7)
+    model.request_representation_jacobian(False)
+    assert model._mtl_rep_hook is None
+
+
+class MarkedRaw(WithRaw):
+    """Shared parameters given as a list: the representation is marked in training_step."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        z = self.mark_representation(self.trunk(x) * self.scale)
+        return {f"t{i}": ((h(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, h in enumerate(self.heads)}
+
+
+def test_mark_representation_and_a_clear_error_without_one():
+    model = MarkedRaw()
+    model.request_representation_jacobian(True)
+    model.training_step(next(iter(loader(regression_data(k=2)))), 0)
+    assert model.mtl_step.representation_jacobian.shape == (2, 32, 16)
+    tele = SymmetryTeleportCallback(trigger_on="representation")
+    with pytest.raises(RuntimeError, match="mark_representation"):
+        fit(WithRaw(), [tele], steps=1)  # a parameter list and nothing marked
+
+
+def test_representation_trigger_decides_from_the_representation_and_teleports_without_a_step_jacobian():
+    L.seed_everything(0)
+    model = TinyMTL(k=3, method="ls")
+    tele = SymmetryTeleportCallback(trigger_on="representation", representation_reduce="mean",
+                                    max_teleports_per_epoch=None, inner_steps=2)
+    seen = []
+
+    class Check(L.Callback):
+        def on_after_backward(self, trainer, pl_module):
+            rec = pl_module.mtl_step
+            seen.append((rec.jacobian is None, rec.representation_jacobian is not None))
+
+    fit(model, [Force(tele, steps=(3,)), tele, Check()], steps=5)
+    assert seen == [(True, True)] * 5  # the loss weighting never paid for a parameter Jacobian
+    assert tele._epoch["checked"] == 5
+    rec = tele.history[0]
+    assert rec["accepted"] and rec["trigger_on"] == "representation" and rec["sigma"] is not None
+    assert len(rec["trigger_cosines"]) == 3 and len(rec["cosines_before"]) == 3 and len(rec["grad_norms_before"]) == 3
+    assert model._mtl_rep_hook is None  # removed at the end of fit

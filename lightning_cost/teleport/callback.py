@@ -18,7 +18,7 @@ from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
-from lightning_cost.teleport.trigger import ConflictTrigger
+from lightning_cost.teleport.trigger import ConflictTrigger, representation_gram
 
 __all__ = ["SymmetryTeleportCallback"]
 
@@ -116,6 +116,10 @@ class SymmetryTeleportCallback(L.Callback):
         use_lg: bool = True,
         use_htr: bool = True,
         use_lora: bool = True,
+        batched_perturbations: bool = False,
+        trigger_on: Literal["parameters", "representation"] = "parameters",
+        representation_reduce: Literal["flatten", "mean"] = "flatten",
+        teleport_every: int = 0,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -129,6 +133,11 @@ class SymmetryTeleportCallback(L.Callback):
             raise ValueError("max_teleports_per_epoch must be >= 0 or None")
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if trigger_on not in ("parameters", "representation") or representation_reduce not in ("flatten", "mean"):
+            raise ValueError("trigger_on must be 'parameters'|'representation' and representation_reduce "
+                             "'flatten'|'mean'")
+        if teleport_every < 0:
+            raise ValueError(f"teleport_every must be >= 0, got {teleport_every}")
         if min(warmup_epochs, warmup_steps, min_steps_between, teleport_batches) < 0:
             raise ValueError("warm-up, spacing and teleport_batches must be >= 0")
         if loss_tolerance < 0 or abs_tolerance < 0:
@@ -137,6 +146,9 @@ class SymmetryTeleportCallback(L.Callback):
             raise ValueError("at least one of use_lt and use_lg must be on")
         self.gamma, self.inner_steps, self.inner_lr = gamma, inner_steps, inner_lr
         self.rank, self.alpha, self.use_lora = rank, alpha, use_lora
+        self.batched_perturbations = batched_perturbations
+        self.trigger_on, self.representation_reduce = trigger_on, representation_reduce
+        self.teleport_every = teleport_every
         self.num_perturbations, self.radius = num_perturbations, radius
         self.ratio, self.sharpness = ratio, sharpness
         self.trigger = ConflictTrigger(trigger)
@@ -160,6 +172,7 @@ class SymmetryTeleportCallback(L.Callback):
         self._batch_idx = 0
         self._drop_step = False
         self.force_next = False  # set True to teleport at the next checked step regardless of the trigger
+        self._last_terms: tuple[float, float] = (float("nan"), float("nan"))
 
     # ------------------------------------------------------------------ setup
     @property
@@ -181,7 +194,13 @@ class SymmetryTeleportCallback(L.Callback):
             )
         if not pl_module.automatic_optimization:
             raise RuntimeError("SymmetryTeleportCallback needs automatic optimization")
-        pl_module.request_jacobian(True)
+        if self.trigger_on == "representation":
+            if not callable(getattr(pl_module, "request_representation_jacobian", None)):
+                raise TypeError("trigger_on='representation' needs a module with request_representation_jacobian() "
+                                "(e.g. one built with MultiTaskMixin)")
+            pl_module.request_representation_jacobian(True)
+        else:
+            pl_module.request_jacobian(True)
         if self.use_lora:
             import peft.tuners.lora  # noqa: F401  (a one-time import of ~2 s; paid here, not in the first teleport)
 
@@ -189,10 +208,21 @@ class SymmetryTeleportCallback(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._epoch = {"checked": 0, "conflicting": 0, "teleports": 0}
 
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit" and self.trigger_on == "representation":
+            pl_module.request_representation_jacobian(False)  # removes the forward hook
+
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch, self._batch_idx = batch, batch_idx
+        n = self.teleport_every
+        if n and trainer.global_step % n == n // 2:
+            self.force_next = True
         if self.check_every > 1:
-            pl_module.request_jacobian(self._checks(trainer) or self.force_next)
+            wanted = self._checks(trainer) or self.force_next
+            if self.trigger_on == "representation":
+                pl_module.request_representation_jacobian(wanted)
+            else:
+                pl_module.request_jacobian(wanted)
 
     def _checks(self, trainer: L.Trainer) -> bool:
         return trainer.global_step % self.check_every == 0
@@ -203,9 +233,18 @@ class SymmetryTeleportCallback(L.Callback):
         if not (self._checks(trainer) or self.force_next):
             return
         record: StepRecord | None = getattr(pl_module, "mtl_step", None)
-        if record is None or record.jacobian is None or not record.finite or record.skipped:
+        if record is None or not record.finite or record.skipped:
             return
-        result = self.trigger(record.jacobian)
+        if self.trigger_on == "representation":
+            if record.representation_jacobian is None:
+                raise RuntimeError(
+                    "trigger_on='representation': the module recorded no representation this step; pass the shared "
+                    "module to configure_multitask(shared=module) or call self.mark_representation(z) in training_step")
+            result = self.trigger.from_gram(self._representation_gram(record.representation_jacobian))
+        elif record.jacobian is None:
+            return
+        else:
+            result = self.trigger(record.jacobian)
         self._epoch["checked"] += 1
         self._epoch["conflicting"] += int(result.fire)
         if (result.fire or self.force_next) and self._allowed(trainer):
@@ -264,6 +303,13 @@ class SymmetryTeleportCallback(L.Callback):
         self._epoch = dict(state_dict["epoch_counts"])
         self._pending_sigma = state_dict["pending_sigma"]
 
+    def _representation_gram(self, rep_jacobian: Tensor) -> Tensor:
+        """The global ``K x K`` Gram matrix of the representation gradients (identical on every rank)."""
+        if self.representation_reduce == "mean":
+            v = all_reduce_mean(rep_jacobian.sum(dim=1).float())
+            return (v @ v.T).double()
+        return all_reduce_mean(representation_gram(rep_jacobian, "flatten"))
+
     # ------------------------------------------------------------------ the teleport
     def _allowed(self, trainer: L.Trainer) -> bool:
         if trainer.current_epoch < self.warmup_epochs or trainer.global_step < self.warmup_steps:
@@ -289,15 +335,24 @@ class SymmetryTeleportCallback(L.Callback):
         return batches
 
     def _losses(self, trainer: L.Trainer, pl_module: Any, batches: Sequence[Any], adapter: TeleportAdapter | None = None,
-                eps: list[Tensor] | None = None) -> Tensor:
-        """Mean task losses over ``batches`` (local, differentiable)."""
+                eps: list[Tensor] | None = None, overrides: dict[str, Tensor] | None = None,
+                batched: bool = False) -> Tensor:
+        """Mean task losses over ``batches`` (local, differentiable).
+
+        With ``batched=True``, ``eps`` holds ``[n, *shape]`` tensors and the result is ``[n, K]``
+        (one vectorised pass per batch, :meth:`TeleportAdapter.call_batched`).
+        """
         total = None
         for b in batches:
             with trainer.precision_plugin.forward_context():
                 if adapter is None:
                     out = pl_module.evaluate_task_losses(b, self._batch_idx)
+                elif batched:
+                    assert eps is not None
+                    out = adapter.call_batched(pl_module.evaluate_task_losses, b, self._batch_idx, eps=eps,
+                                               overrides=overrides)
                 else:
-                    out = adapter.call(pl_module.evaluate_task_losses, b, self._batch_idx, eps=eps)
+                    out = adapter.call(pl_module.evaluate_task_losses, b, self._batch_idx, eps=eps, overrides=overrides)
             out = out.float()
             total = out if total is None else total + out
         return total / len(batches)
@@ -314,23 +369,15 @@ class SymmetryTeleportCallback(L.Callback):
                 rows = []
                 for i in range(losses.shape[0]):
                     gs = torch.autograd.grad(losses[i], shared, retain_graph=i < losses.shape[0] - 1, allow_unused=True)
-                    rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, shared)]))
+                    rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(gs, shared, strict=True)]))
         finally:
-            for p, f in zip(shared, flags):
+            for p, f in zip(shared, flags, strict=True):
                 p.requires_grad_(f)
         return all_reduce_mean(losses.detach()), all_reduce_mean_(torch.stack(rows))
 
     def _teleport(self, trainer: L.Trainer, pl_module: Any, record: StepRecord, before: Any) -> None:
         start = time.perf_counter()
         shared = pl_module.shared_parameters()
-        jacobian, g_prev = record.jacobian, record.direction
-        assert jacobian is not None
-        norms_before = jacobian.norm(dim=1)
-        batches = self._teleport_data(trainer, pl_module)
-        with torch.no_grad():
-            target = record.losses.float() if len(batches) == 1 else all_reduce_mean(self._losses(trainer, pl_module, batches))
-        ratios = balance_ratios(norms_before.float(), self.ratio).to(target.device)
-
         weights0 = [p.detach().clone() for p in shared]
         buffers0 = [(b, b.detach().clone()) for b in pl_module.buffers()]
         grad_flags = [(p, p.requires_grad) for p in pl_module.parameters()]
@@ -341,9 +388,26 @@ class SymmetryTeleportCallback(L.Callback):
                 for b, saved in buffers0:
                     b.copy_(saved)
 
+        jacobian, g_prev = record.jacobian, record.direction
+        if jacobian is None:  # representation trigger with a loss weighting: the parameter Jacobian only now
+            _, jacobian = self._jacobian(trainer, pl_module, [self._batch])
+            restore_buffers()
+        if g_prev is None:  # g' of eq. 12: the step's gradient, as Lightning's backward left it (scale-free cosine)
+            grads = [p.grad for p in shared]
+            if any(g is not None for g in grads):
+                g_prev = torch.cat([(g if g is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                                    for g, p in zip(grads, shared, strict=True)])
+        norms_before = jacobian.norm(dim=1)
+        if self.trigger_on == "representation":
+            before = (before, self.trigger(jacobian))
+        batches = self._teleport_data(trainer, pl_module)
+        with torch.no_grad():
+            target = record.losses.float() if len(batches) == 1 else all_reduce_mean(self._losses(trainer, pl_module, batches))
+        ratios = balance_ratios(norms_before.float(), self.ratio).to(target.device)
+
         def restore_weights() -> None:
             with torch.no_grad():
-                for p, saved in zip(shared, weights0):
+                for p, saved in zip(shared, weights0, strict=True):
                     p.copy_(saved)
 
         adapter = TeleportAdapter(pl_module, shared, rank=self.rank, alpha=self.alpha, use_lora=self.use_lora)
@@ -351,6 +415,7 @@ class SymmetryTeleportCallback(L.Callback):
         reason = ""
         losses_after: Tensor | None = None
         inner_trace: list[float] = []
+        inner_terms: list[list[float]] = []
         try:
             adapter.inject()
             params = adapter.parameters()
@@ -364,13 +429,14 @@ class SymmetryTeleportCallback(L.Callback):
                     objective = self._inner_objective(trainer, pl_module, adapter, batches, target, ratios, shapes,
                                                       generator)
                     grads = torch.autograd.grad(objective, params, allow_unused=True)
-                    for p, g in zip(params, grads):
+                    for p, g in zip(params, grads, strict=True):
                         p.grad = all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
                     if not all(torch.isfinite(p.grad).all() for p in params):
                         raise _Rejected("non-finite gradient in the inner loop")
                     inner.step()
                     inner.zero_grad(set_to_none=True)
                     inner_trace.append(float(objective.detach()))
+                    inner_terms.append(list(self._last_terms))
             adapter.merge()
         except _Rejected as err:
             reason = str(err)
@@ -394,14 +460,17 @@ class SymmetryTeleportCallback(L.Callback):
                 elif ((losses_after - target).abs() > bound).any():
                     reason = "loss drift above tolerance: " + ", ".join(
                         f"{t}: {float(a):.4g} vs {float(b):.4g}"
-                        for t, a, b in zip(pl_module.task_names, losses_after, target)
+                        for t, a, b in zip(pl_module.task_names, losses_after, target, strict=True)
                     )
         accepted = not reason
         sigma = None
         after = None
+        moved: tuple[float, float] | None = None
         if accepted:
-            delta = torch.cat([(p.detach() - w).reshape(-1) for p, w in zip(shared, weights0)])
+            delta = torch.cat([(p.detach() - w).reshape(-1) for p, w in zip(shared, weights0, strict=True)])
             sigma = htr_sigma(delta, g_prev) if g_prev is not None else 0.0
+            theta_norm = float(torch.sqrt(sum((w.double() ** 2).sum() for w in weights0)))
+            moved = (float(delta.double().norm()), float(delta.double().norm()) / max(theta_norm, 1e-30))
             _, jac_after = self._jacobian(trainer, pl_module, batches)
             restore_buffers()
             after = (jac_after.norm(dim=1), self.trigger(jac_after))
@@ -418,6 +487,9 @@ class SymmetryTeleportCallback(L.Callback):
         self.last_teleport_step = trainer.global_step
         rec = self._record(trainer, pl_module, target, losses_after, norms_before, before, after, sigma, accepted,
                            reason, time.perf_counter() - start, inner_trace)
+        rec["inner_terms"] = inner_terms
+        if moved is not None:
+            rec["displacement_norm"], rec["displacement_rel"] = moved
         self.history.append(rec)
         self._log(trainer, {
             "teleport/accepted": float(accepted),
@@ -433,22 +505,38 @@ class SymmetryTeleportCallback(L.Callback):
     def _inner_objective(self, trainer: L.Trainer, pl_module: Any, adapter: TeleportAdapter, batches: Sequence[Any],
                          target: Tensor, ratios: Tensor, shapes: list[torch.Size], generator: torch.Generator) -> Tensor:
         """``L_lora = L_t - gamma * L_g`` (eq. 11) at the adapter's current ``dtheta``."""
-        losses = self._losses(trainer, pl_module, batches, adapter)
+        base = adapter.overrides()  # theta + dtheta, once for the n~ + 2 evaluations of this step
+        losses = self._losses(trainer, pl_module, batches, adapter, overrides=base)
         objective = loss_invariance(losses, target) if self.use_lt else losses.new_zeros(())
         if not torch.isfinite(losses).all():
             raise _Rejected("non-finite task losses in the inner loop")
+        lg = float("nan")
         if self.use_lg:
             device = losses.device
             draws = [sample_sphere(shapes, self.radius, generator, device) for _ in range(self.num_perturbations)]
             with torch.no_grad():
-                values = []
-                for eps in draws:
-                    lp = self._losses(trainer, pl_module, batches, adapter, eps)
-                    values.append(self._sharpness(lp, losses.detach(), ratios))
-            best = draws[int(torch.stack(values).argmax())]
-            lp = self._losses(trainer, pl_module, batches, adapter, best)
-            objective = objective - self.gamma * self._sharpness(lp, losses, ratios)
+                values = self._perturbed_sharpness(trainer, pl_module, adapter, batches, base, draws, losses, ratios)
+            best = draws[int(values.argmax())]
+            lp = self._losses(trainer, pl_module, batches, adapter, best, overrides=base)
+            term = self._sharpness(lp, losses, ratios)
+            objective = objective - self.gamma * term
+            lg = float(term.detach())
+        self._last_terms = (float(loss_invariance(losses.detach(), target)), lg)  # (L_t, L_g) for the record
         return objective
+
+    def _perturbed_sharpness(self, trainer: L.Trainer, pl_module: Any, adapter: TeleportAdapter,
+                             batches: Sequence[Any], base: dict[str, Tensor], draws: list[list[Tensor]],
+                             losses: Tensor, ratios: Tensor) -> Tensor:
+        """The ``n~`` terms of eq. 9 (no gradient): a loop of forwards, or one vectorised pass."""
+        if self.batched_perturbations:
+            stacked = [torch.stack(parts) for parts in zip(*draws, strict=True)]
+            lp = self._losses(trainer, pl_module, batches, adapter, stacked, overrides=base, batched=True)
+            return torch.stack([self._sharpness(lp[j], losses.detach(), ratios) for j in range(len(draws))])
+        values = []
+        for eps in draws:
+            lp = self._losses(trainer, pl_module, batches, adapter, eps, overrides=base)
+            values.append(self._sharpness(lp, losses.detach(), ratios))
+        return torch.stack(values)
 
     def _sharpness(self, perturbed: Tensor, unperturbed: Tensor, ratios: Tensor) -> Tensor:
         if self.sharpness == "difference":
@@ -459,7 +547,11 @@ class SymmetryTeleportCallback(L.Callback):
     def _record(self, trainer: L.Trainer, pl_module: Any, target: Tensor, losses_after: Tensor | None,
                 norms_before: Tensor, before: Any, after: Any, sigma: float | None, accepted: bool, reason: str,
                 seconds: float, inner_trace: list[float]) -> dict[str, Any]:
+        trig_view = None
+        if isinstance(before, tuple):  # representation trigger: (its decision, the parameter view)
+            trig_view, before = before
         rec: dict[str, Any] = {
+            "trigger_on": self.trigger_on,
             "step": int(trainer.global_step),
             "epoch": int(trainer.current_epoch),
             "accepted": accepted,
@@ -474,6 +566,9 @@ class SymmetryTeleportCallback(L.Callback):
             "sigma": sigma,
             "inner_objective": inner_trace,
         }
+        if trig_view is not None:
+            rec["trigger_conflicts"] = trig_view.num_conflicting
+            rec["trigger_cosines"] = [float(x) for x in trig_view.cosines]
         if losses_after is not None:
             rel = (losses_after - target).abs() / target.abs().clamp_min(1e-12)
             rec["loss_drift"] = float(rel.mean())

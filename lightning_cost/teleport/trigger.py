@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["ConflictTrigger", "TriggerResult", "conflict_cosines"]
+__all__ = ["ConflictTrigger", "TriggerResult", "conflict_cosines", "conflict_cosines_from_gram", "representation_gram"]
 
 
 def conflict_cosines(jacobian: Tensor) -> Tensor:
@@ -25,6 +25,43 @@ def conflict_cosines(jacobian: Tensor) -> Tensor:
     dots = (j @ g0).double()
     norms = j.norm(dim=1).double() * g0.norm().double()
     return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dots))
+
+
+def conflict_cosines_from_gram(gram: Tensor) -> Tensor:
+    """``cos(g_i, g_0)`` (eq. 3) from the ``K x K`` Gram matrix ``G = J J^T`` of the task gradients.
+
+    ``J g_0 = G 1 / K`` and ``||g_0||^2 = 1^T G 1 / K^2``, so the cosines need only ``G``: this is how
+    the representation trigger decides without ever forming a parameter Jacobian. Zero norms give 0.
+    """
+    if gram.ndim != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] < 2:
+        raise ValueError(f"gram must have shape [K>=2, K], got {tuple(gram.shape)}")
+    g = gram.double()
+    k = g.shape[0]
+    dots = g.sum(dim=1) / k
+    g0_sq = g.sum().clamp_min(0.0) / (k * k)
+    norms = g.diagonal().clamp_min(0.0).sqrt() * g0_sq.sqrt()
+    return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dots))
+
+
+def representation_gram(rep_jacobian: Tensor, reduce: Literal["flatten", "mean"] = "flatten") -> Tensor:
+    """``K x K`` Gram matrix of per-task gradients w.r.t. the shared representation.
+
+    ``rep_jacobian`` is ``[K, B, D]`` (``StepRecord.representation_jacobian``: sample ``b``'s
+    gradient ``dL_i/dz_b``). ``reduce="flatten"``: the gradients as ``B*D`` vectors,
+    ``G_ij = sum_b <dL_i/dz_b, dL_j/dz_b>``; ``reduce="mean"``: summed over the batch first (the
+    gradient w.r.t. a shift of every ``z_b``), ``G_ij = <sum_b dL_i/dz_b, sum_b dL_j/dz_b>``. Local:
+    under DDP reduce the Gram (``flatten``) or the ``[K, D]`` sums (``mean``) over ranks.
+    """
+    if rep_jacobian.ndim != 3:
+        raise ValueError(f"rep_jacobian must have shape [K, B, D], got {tuple(rep_jacobian.shape)}")
+    if reduce == "flatten":
+        v = rep_jacobian.reshape(rep_jacobian.shape[0], -1)
+    elif reduce == "mean":
+        v = rep_jacobian.sum(dim=1)
+    else:
+        raise ValueError(f"reduce must be 'flatten' or 'mean', got {reduce!r}")
+    v = v.float()
+    return (v @ v.T).double()
 
 
 @dataclass(frozen=True)
@@ -54,10 +91,17 @@ class ConflictTrigger:
         return math.ceil(k / 2)
 
     def __call__(self, jacobian: Tensor) -> TriggerResult:
-        cos = conflict_cosines(jacobian)
+        return self.decide(conflict_cosines(jacobian))
+
+    def from_gram(self, gram: Tensor) -> TriggerResult:
+        """The same decision from the ``K x K`` Gram matrix of the task gradients."""
+        return self.decide(conflict_cosines_from_gram(gram))
+
+    def decide(self, cos: Tensor) -> TriggerResult:
+        """The rule applied to the ``K`` cosines ``cos(g_i, g_0)``."""
         if self.rule == "paper":
             n = int((cos < 0).sum())
-            fire = n >= self.threshold(jacobian.shape[0])
+            fire = n >= self.threshold(cos.shape[0])
         else:
             n = int((cos <= 0).sum())
             fire = n >= 1
