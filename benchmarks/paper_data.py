@@ -521,13 +521,7 @@ class CelebADataModule(_PaperDataModule):
     def _dataset(self, root: Path, split: str):
         from torchvision import datasets, transforms
 
-        cls = datasets.CelebA
-        if not self.check_md5:
-            class _CelebANoMD5(datasets.CelebA):  # presence checked in _resolve
-                def _check_integrity(self) -> bool:
-                    return os.path.isdir(os.path.join(self.root, self.base_folder, "img_align_celeba"))
-
-            cls = _CelebANoMD5
+        cls = datasets.CelebA if self.check_md5 else _lazy_class("CelebANoMD5")
         tf = transforms.Compose([transforms.Resize(self.image_size), transforms.ToTensor()])
         try:
             return cls(str(root), split=split, target_type="attr", transform=tf,
@@ -609,7 +603,19 @@ class GraphCollate:
         return batch, batch.y
 
 
-def _offline_qm9(root: str, layout: str):
+def _make_celeba_no_md5() -> type:
+    from torchvision import datasets
+
+    class CelebANoMD5(datasets.CelebA):
+        """torchvision's CelebA without the MD5 check (the files' presence is checked before)."""
+
+        def _check_integrity(self) -> bool:
+            return os.path.isdir(os.path.join(self.root, self.base_folder, "img_align_celeba"))
+
+    return CelebANoMD5
+
+
+def _make_offline_qm9() -> type:
     from torch_geometric.data.dataset import files_exist
     from torch_geometric.datasets import QM9
 
@@ -619,9 +625,34 @@ def _offline_qm9(root: str, layout: str):
         def download(self) -> None:
             if files_exist(self.processed_paths):
                 return
-            raise FileNotFoundError(f"QM9 raw files missing under {self.raw_dir}\n{layout}")
+            raise FileNotFoundError(f"QM9 raw files missing under {self.raw_dir}\n{QM9DataModule.layout(self.root)}")
 
-    return OfflineQM9(root)
+    return OfflineQM9
+
+
+_LAZY_CLASSES = {"CelebANoMD5": _make_celeba_no_md5, "OfflineQM9": _make_offline_qm9}
+
+
+def _lazy_class(name: str) -> type:
+    """Subclasses of torchvision / PyG data sets, built on first use (so that importing this module
+    imports neither) and published as module attributes, so that datasets pickle by reference
+    (DataLoader workers started with ``spawn``)."""
+    cls = globals().get(name)
+    if cls is None:
+        cls = _LAZY_CLASSES[name]()
+        cls.__module__, cls.__qualname__ = __name__, name
+        globals()[name] = cls
+    return cls
+
+
+def __getattr__(name: str) -> type:  # PEP 562: unpickling in a fresh process builds the class
+    if name in _LAZY_CLASSES:
+        return _lazy_class(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _offline_qm9(root: str):
+    return _lazy_class("OfflineQM9")(root)
 
 
 class QM9DataModule(_PaperDataModule):
@@ -702,7 +733,7 @@ class QM9DataModule(_PaperDataModule):
         root = resolve_root(self.root_arg, "qm9")
         self.root = root
         self._check(root)
-        ds = _offline_qm9(str(root), self.layout(root))
+        ds = _offline_qm9(str(root))
         n = len(ds)
         if self.num_val < 0 or self.num_test < 0 or self.num_val + self.num_test >= n:
             raise ValueError(f"QM9 has {n} molecules: num_val={self.num_val} + num_test={self.num_test} leaves "
