@@ -28,8 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks import make_datamodule, make_model
-from benchmarks.lit import MTLBenchModule
+from benchmarks import make_datamodule, make_model, module_classes
 from lightning_cost import SymmetryTeleportCallback
 from lightning_cost.teleport.trigger import conflict_cosines
 
@@ -78,7 +77,8 @@ def run(dataset: str, rule: str, args: argparse.Namespace) -> dict[str, Any]:
     data_kw = {**DEFAULT_DATA_KW.get(dataset, {}), **args.data_kw.get(dataset, {})}
     dm = make_datamodule(dataset, seed=args.seed, **data_kw)
     dm.setup("fit")
-    model = MTLBenchModule(make_model(dm), dm.task_specs, method=args.method, lr=args.lr)
+    mtl_cls, _ = module_classes(dm)  # the paper's dense data sets need their own module
+    model = mtl_cls(make_model(dm), dm.task_specs, method=args.method, lr=args.lr)
     tele = SymmetryTeleportCallback(trigger=rule, max_teleports_per_epoch=args.max_per_epoch,
                                     min_steps_between=args.min_steps_between, seed=args.seed, **args.cost_kw)
     counter = ConflictCounter()
