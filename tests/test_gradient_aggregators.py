@@ -28,7 +28,7 @@ from lightning_cost.aggregators.graddrop import GradDrop
 from lightning_cost.aggregators.imtl import IMTLG
 from lightning_cost.aggregators.mgda import MGDA
 from lightning_cost.aggregators.nash_mtl import NashMTL
-from lightning_cost.aggregators.pcgrad import PCGrad
+from lightning_cost.aggregators.pcgrad import PCGrad, _project_lockstep, _project_small
 
 METHODS = ["mgda", "graddrop", "pcgrad", "cagrad", "imtl", "nashmtl", "fairgrad"]
 GRAMIAN_METHODS = ["mgda", "pcgrad", "cagrad", "imtl", "nashmtl", "fairgrad"]
@@ -415,6 +415,16 @@ def test_pcgrad_matches_vector_implementation(seed: int) -> None:
     j = rand_jacobian(seed, 3 + seed % 3, 6, shift=0.3)
     d = PCGrad(seed=seed).aggregate(j)
     torch.testing.assert_close(d, pcgrad_vectors(j, seed))
+
+
+@pytest.mark.parametrize("k", [2, 7, 9, 12, 20])
+def test_pcgrad_matches_vector_implementation_small_and_large_k(k: int) -> None:
+    # K <= 8 runs on Python floats, larger K in numpy lock-step: both are Algorithm 1
+    j = rand_jacobian(k, k, 2 * k, shift=0.2)
+    torch.testing.assert_close(PCGrad(seed=k).aggregate(j), pcgrad_vectors(j, k))
+    orders = [[x for x in torch.randperm(k).tolist() if x != i] for i in range(k)]
+    g = (j @ j.T).numpy()
+    np.testing.assert_allclose(_project_small(g.tolist(), orders), _project_lockstep(g, orders), rtol=1e-12, atol=1e-12)
 
 
 def test_pcgrad_order_matters_and_is_seeded() -> None:

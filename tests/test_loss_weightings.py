@@ -113,6 +113,28 @@ def test_loss_weights_is_the_analytic_derivative(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_closed_form_loss_weights_equal_autograd(name, dtype):
+    """Each method's loss_weights override is the autograd derivative of its forward (the base
+    class's generic implementation), in every state, and returns a fresh tensor."""
+    m = make(name, **({"weights": [1.0, 0.5, 2.0]} if name == "ls" else {}))
+    g = torch.Generator().manual_seed(0)
+    for step in range(5):
+        losses = (torch.rand(3, generator=g) * 3 + 0.1).to(dtype)
+        w = m.loss_weights(losses)
+        assert w.dtype == dtype and not w.requires_grad
+        torch.testing.assert_close(w, LossWeighting.loss_weights(m, losses), rtol=1e-6, atol=0)
+        w.add_(1.0)  # the caller may modify it: no state of the method changes
+        torch.testing.assert_close(m.loss_weights(losses), LossWeighting.loss_weights(m, losses), rtol=1e-6, atol=0)
+        m.observe(losses)
+        if step % 2:
+            m.on_epoch_end()
+        if isinstance(m, UncertaintyWeighting):
+            with torch.no_grad():
+                m.s.add_(0.2 * step - 0.3)
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(
     "bad, match",
     [
@@ -232,6 +254,8 @@ def test_si_is_scale_invariant():
 def test_si_requires_positive_losses(bad):
     with pytest.raises(ValueError, match="strictly positive"):
         ScaleInvariant()(torch.tensor(bad))
+    with pytest.raises(ValueError, match="strictly positive"):
+        ScaleInvariant().loss_weights(torch.tensor(bad))
 
 
 # ----------------------------------------------------------------------------- RLW

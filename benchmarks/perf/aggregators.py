@@ -113,17 +113,21 @@ class Contestant:
     run: Callable[[], Tensor | None]
     prepare: Callable[[], None] | None = None
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
     error: str | None = None
     out: Tensor | None = None
 
-    def call(self) -> float:
+    def call(self) -> tuple[float, float]:
+        """Wall and thread-CPU time (ms) of one ``run``."""
         if self.prepare is not None:
             self.prepare()
+        c = time.thread_time_ns()
         t = time.perf_counter_ns()
         out = self.run()
         dt = (time.perf_counter_ns() - t) * 1e-6
+        dc = (time.thread_time_ns() - c) * 1e-6
         self.out = out
-        return dt
+        return dt, dc
 
 
 def ours(name: str, jac: Tensor, losses: Tensor) -> Contestant:
@@ -291,11 +295,11 @@ def time_cell(contestants: list[Contestant], budget_s: float, min_reps: int, max
         if c.error is not None:
             continue
         try:
-            warm = [c.call() for _ in range(2)]
+            warm = [c.call()[0] for _ in range(2)]
         except Exception as err:  # noqa: BLE001 - report, do not stop the benchmark
             c.error = f"{type(err).__name__}: {err}"[:160]
             continue
-        c.times = []
+        c.times, c.cpu_times = [], []
         live.append((c, min(warm)))
     if not live:
         return 0
@@ -308,7 +312,9 @@ def time_cell(contestants: list[Contestant], budget_s: float, min_reps: int, max
             n = len(live)
             for i in range(n):
                 c = live[(i + r) % n][0]
-                c.times.append(c.call())
+                wall, cpu = c.call()
+                c.times.append(wall)
+                c.cpu_times.append(cpu)
     finally:
         gc.enable()
     return reps
@@ -319,7 +325,9 @@ def _stats(times: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "min_ms": min(times)}
 
 
-def bench_cell(name: str, k: int, p: int, budget_s: float, min_reps: int, max_reps: int) -> dict[str, Any]:
+def bench_cell(
+    name: str, k: int, p: int, budget_s: float, min_reps: int, max_reps: int, clock: str = "wall"
+) -> dict[str, Any]:
     jac = synthetic_jacobian(k, p, seed=k)
     losses = task_losses(k, seed=k)
     cs: list[Contestant | None] = [ours(name, jac, losses), torchjd(name, jac), libmtl(name, jac, losses), floor(jac)]
@@ -327,13 +335,17 @@ def bench_cell(name: str, k: int, p: int, budget_s: float, min_reps: int, max_re
         cs.append(mixin_check(jac))
     contestants = [c for c in cs if c is not None]
     reps = time_cell(contestants, budget_s, min_reps, max_reps)
-    row: dict[str, Any] = {"method": name, "K": k, "P": p, "reps": reps, "random": name in RANDOM}
+    row: dict[str, Any] = {"method": name, "K": k, "P": p, "reps": reps, "random": name in RANDOM, "clock": clock}
+    if clock == "cpu":  # thread CPU time: less sensitive to other processes on a loaded machine
+        for c in contestants:
+            c.times, c.cpu_times = c.cpu_times, c.times
     by = {c.name: c for c in contestants}
     for c in contestants:
         if c.error is not None:
             row[c.name] = {"error": c.error}
         elif c.times:
             row[c.name] = _stats(c.times)
+            row[c.name]["other_clock_median_ms"] = statistics.median(c.cpu_times)
     mine = by["ours"]
     for peer in ("torchjd", "libmtl"):
         c = by.get(peer)
@@ -425,7 +437,7 @@ def _versions() -> dict[str, str]:
 
 def run(methods: tuple[str, ...] = AVAILABLE, ks: tuple[int, ...] = KS, ps: tuple[int, ...] = PS,
         budget_s: float = 2.0, min_reps: int = 7, max_reps: int = 200, out_dir: str | Path | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+        log: Callable[[str], None] | None = None, clock: str = "wall") -> dict[str, Any]:
     torch.set_num_threads(1)
     log = log or (lambda s: print(s, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
@@ -435,12 +447,12 @@ def run(methods: tuple[str, ...] = AVAILABLE, ks: tuple[int, ...] = KS, ps: tupl
         for p in ps:
             for k in ks:
                 for name in methods:
-                    row = bench_cell(name, k, p, budget_s, min_reps, max_reps)
+                    row = bench_cell(name, k, p, budget_s, min_reps, max_reps, clock)
                     rows.append(row)
                     log(f"  {name} K={k} P={p:.0e}: ours {_ms(row, 'ours')} ms, torchjd {_ms(row, 'torchjd')}, "
                         f"libmtl {_ms(row, 'libmtl')} ({row['reps']} reps)")
                 gc.collect()
-    res = {"meta": {"threads": torch.get_num_threads(), "budget_s": budget_s, "min_reps": min_reps,
+    res = {"meta": {"threads": torch.get_num_threads(), "budget_s": budget_s, "min_reps": min_reps, "clock": clock,
                     "versions": _versions(), "seconds": time.perf_counter() - t0,
                     "timed": "ours: aggregate(J) / loss_weights + w @ J + observe; torchjd: agg(J); "
                              "libmtl: weighting.backward with J injected"},
@@ -468,12 +480,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-reps", type=int, default=200)
     ap.add_argument("--quick", action="store_true", help="K in (2, 10), P = 1e4, short budget")
     ap.add_argument("--compare", help="an earlier aggregators.json: print the ratios before/after")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="what the medians and ratios are of: wall time (default) or this thread's CPU time "
+                         "(less sensitive to other processes; the other clock is kept in the JSON)")
     args = ap.parse_args(argv)
     ks, ps, budget = _ints(args.ks), _ints(args.ps), args.budget
     if args.quick:
         ks, ps, budget = (2, 10), (10_000,), min(budget, 0.3)
     methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
-    res = run(methods, ks, ps, budget, args.min_reps, args.max_reps, args.out)
+    res = run(methods, ks, ps, budget, args.min_reps, args.max_reps, args.out, clock=args.clock)
     print(render(res["rows"]))
     if args.compare:
         old = json.loads(Path(args.compare).read_text())["rows"]

@@ -21,6 +21,7 @@ logits, UW's log-variances) travels with the LightningModule's checkpoint.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -75,7 +76,8 @@ def check_losses(losses: Tensor) -> None:
         raise ValueError(f"losses must have shape [K], got shape {tuple(losses.shape)}")
     if losses.shape[0] < 2:
         raise ValueError(f"multi-task weighting needs at least 2 tasks, got K={losses.shape[0]}")
-    if not torch.isfinite(losses).all():
+    # K is small: K Python floats are tested faster than a torch.isfinite kernel plus its .all()
+    if not all(map(math.isfinite, losses.detach().tolist())):
         raise ValueError(f"losses must be finite, got {losses.detach().tolist()}")
 
 
@@ -138,7 +140,11 @@ class LossWeighting(nn.Module, ABC):
         """Return the scalar training objective for the ``K`` task losses."""
 
     def loss_weights(self, losses: Tensor) -> Tensor:
-        """``d objective / d L_k`` at ``losses`` (detached): the weight each task's gradient gets."""
+        """``d objective / d L_k`` at ``losses`` (detached): the weight each task's gradient gets.
+
+        This default differentiates :meth:`forward` with autograd; the built-in methods override
+        it with the closed form of the same derivative (no graph, a few small kernels).
+        """
         x = losses.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             (w,) = torch.autograd.grad(self.forward(x), x)

@@ -8,7 +8,7 @@ from scipy.optimize import brentq
 from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, min_norm_weights
+from lightning_cost.aggregators.mgda import gramian_as_float64, min_norm_weights, weights_like
 
 __all__ = ["CAGrad"]
 
@@ -98,7 +98,7 @@ class CAGrad(GramianAggregator):
                     raise AggregationError(f"CAGrad dual solve produced ||g_w|| = {gw_norm}")
                 out = out + (s / gw_norm) * w
         out = out * self._scale()
-        return torch.as_tensor(out, dtype=gramian.dtype, device=gramian.device)
+        return weights_like(out, gramian)
 
     def extra_repr(self) -> str:
         return f"c={self.c}, rescale={self.rescale}"

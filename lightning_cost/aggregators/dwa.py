@@ -88,7 +88,7 @@ class DWA(LossWeighting):
             w = torch.ones(k, device=self.history.device)
         else:
             prev2, prev1 = self.history[0], self.history[1]
-            if (prev2 <= 0).any() or (prev1 <= 0).any():
+            if not all(v > 0 for row in self.history.tolist() for v in row):  # 2 x K values, one copy
                 raise ValueError(
                     f"DWA needs positive epoch-average losses, got L(t-2)={prev2.tolist()}, L(t-1)={prev1.tolist()}"
                 )
@@ -101,12 +101,17 @@ class DWA(LossWeighting):
     def forward(self, losses: Tensor) -> Tensor:
         return (self.task_weights(losses) * losses).sum()
 
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d/dL_k sum_j lambda_j(t) L_j = lambda_k(t)`` (constant within the epoch)."""
+        return self.task_weights(losses.detach())
+
     def observe(self, losses: Tensor) -> None:
         """Accumulate one optimizer step's (globally averaged) losses into the epoch average."""
         check_losses(losses)
         self._ensure(losses.shape[0])
-        self.loss_sum += losses.detach().to(self.loss_sum)
-        self.num_steps += 1
+        # in place (add_): the same update as +=, without re-registering the buffers
+        self.loss_sum.add_(losses.detach().to(self.loss_sum))
+        self.num_steps.add_(1)
 
     def on_epoch_end(self) -> None:
         """Roll this epoch's average loss into the history and reset the accumulator."""
@@ -115,7 +120,7 @@ class DWA(LossWeighting):
         avg = self.loss_sum / self.num_steps
         self.history[0].copy_(self.history[1])
         self.history[1].copy_(avg)
-        self.num_epochs += 1
+        self.num_epochs.add_(1)
         self.loss_sum.zero_()
         self.num_steps.zero_()
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from scipy.optimize import least_squares
 from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms
+from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms, weights_like
 
 __all__ = ["FairGrad"]
 
@@ -104,7 +103,7 @@ class FairGrad(GramianAggregator):
             norm = float(np.sqrt(max(w @ g @ w, 0.0)))  # ||J^T w||
             if norm > self.max_norm:
                 w = w * (self.max_norm / norm)
-        return torch.as_tensor(w, dtype=gramian.dtype, device=gramian.device)
+        return weights_like(w, gramian)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, scale_and_clip={self.scale_and_clip}"

@@ -155,6 +155,14 @@ class FAMO(LossWeighting):
         c = (z / d).sum().detach()
         return (z * d.log()).sum() / c
 
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d/dL_k [sum_j z_j log(L_j - L*_j + eps) / c] = z_k / (c (L_k - L*_k + eps))``, ``c`` detached."""
+        check_losses(losses)
+        self._ensure(losses.shape[0])
+        d = self._shifted(losses.detach())
+        z_over_d = self.z().to(device=losses.device, dtype=losses.dtype) / d
+        return z_over_d / z_over_d.sum()
+
     # -- logit update ------------------------------------------------------------------
     def logit_gradient(self, losses_before: Tensor, losses_after: Tensor) -> Tensor:
         """``(d z / d xi)^T delta`` for the log-loss decrease ``delta`` (without the decay term)."""
@@ -174,7 +182,7 @@ class FAMO(LossWeighting):
     def update(self, losses_before: Tensor, losses_after: Tensor) -> None:
         """One logit step from the losses before and after a model step (Algorithm 1)."""
         g = self.logit_gradient(losses_before, losses_after) + self.gamma * self.xi
-        self.num_updates += 1
+        self.num_updates.add_(1)
         if self.logit_optimizer == "sgd":
             self.xi -= self.beta * g
             return

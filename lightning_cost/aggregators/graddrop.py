@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators.base import Aggregator, check_jacobian
+from lightning_cost.aggregators.base import Aggregator, check_jacobian, check_jacobian_shape
 from lightning_cost.aggregators.pcgrad import seeded_generator
 
 __all__ = ["GradDrop"]
@@ -67,21 +67,33 @@ class GradDrop(Aggregator):
         return torch.tensor(self._leaks, dtype=like.dtype, device=like.device)
 
     def aggregate(self, jacobian: Tensor) -> Tensor:
-        check_jacobian(jacobian)
+        check_jacobian_shape(jacobian)
         k, p = jacobian.shape
         work = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
         leak = self._leak_vector(k, work).unsqueeze(1)
-        total = work.sum(dim=0)
         abs_total = work.abs().sum(dim=0)
-        safe = torch.where(abs_total > 0, abs_total, torch.ones_like(abs_total))
-        purity = torch.where(abs_total > 0, 0.5 * (1.0 + total / safe), torch.full_like(total, 0.5))
+        # A NaN or infinite entry makes its column's sum of |g_ip| non-finite: J is finite whenever
+        # abs_total is, and only then is J itself scanned (to name the rows, or to find that the
+        # sum merely overflowed).
+        if not bool(torch.isfinite(abs_total).all()):
+            check_jacobian(jacobian)
+        total = work.sum(dim=0)
+        nonzero = abs_total > 0
+        safe = torch.where(nonzero, abs_total, torch.ones_like(abs_total))
+        purity = torch.where(nonzero, 0.5 * (1.0 + total / safe), torch.full_like(total, 0.5))
         u = torch.rand(p, generator=self.generator, dtype=torch.float32).to(
             device=work.device, dtype=work.dtype
         )
-        keep_positive = (purity > u).unsqueeze(0)
-        keep_negative = ~keep_positive  # ties (P == U, e.g. P = U = 0) keep the negative side
-        mask = (keep_positive & (work > 0)) | (keep_negative & (work < 0))
-        d = ((leak + (1.0 - leak) * mask.to(work.dtype)) * work).sum(dim=0)
+        keep_positive = purity > u  # ties (P == U, e.g. P = U = 0) keep the negative side
+        if all(x == 0.0 for x in self._leaks):
+            # No leak: M_ip g_ip is g_ip^+ = max(g_ip, 0) where the positive side is kept and
+            # g_ip^- = min(g_ip, 0) elsewhere, so d_p = sum_i g_ip^+ or sum_i g_ip^- (the same sums,
+            # in the same order, as sum_i M_ip g_ip; dropped entries add a zero either way).
+            d = torch.where(keep_positive, work.clamp_min(0.0).sum(dim=0), work.clamp_max(0.0).sum(dim=0))
+        else:
+            keep_positive = keep_positive.unsqueeze(0)
+            mask = (keep_positive & (work > 0)) | (~keep_positive & (work < 0))
+            d = ((leak + (1.0 - leak) * mask.to(work.dtype)) * work).sum(dim=0)
         return d.to(jacobian.dtype)
 
     def get_extra_state(self) -> Any:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms
+from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms, weights_like
 
 __all__ = ["IMTLG"]
 
@@ -42,16 +41,19 @@ class IMTLG(GramianAggregator):
     def weights(self, gramian: Tensor) -> Tensor:
         g = gramian_as_float64(gramian)
         norms = require_nonzero_norms(g, "IMTL-G", "IMTL-G needs every unit gradient g_i / ||g_i||")
-        gu = g / norms[None, :]  # gu[a, b] = g_a . u_b
+        gu = g / norms  # gu[a, b] = g_a . u_b  (norms broadcast along the columns)
         # rhs_j = g_1 . (u_1 - u_j);  M[i, j] = (g_1 - g_i) . (u_1 - u_j),  i, j = 2..K
         rhs = gu[0, 0] - gu[0, 1:]
-        m = (gu[0, 0] - gu[0, 1:])[None, :] - (gu[1:, 0][:, None] - gu[1:, 1:])
+        m = rhs - (gu[1:, :1] - gu[1:, 1:])
         # alpha_{2:K} M = rhs  <=>  M^T alpha_{2:K} = rhs
-        tail, *_ = np.linalg.lstsq(m.T, rhs, rcond=None)
+        if m.shape == (1, 1):  # K = 2: the minimum-norm solution of a x = b is b / a (0 if a = 0)
+            tail = rhs / m[0] if m[0, 0] != 0.0 else np.zeros(1)
+        else:
+            tail, *_ = np.linalg.lstsq(m.T, rhs, rcond=None)
         residual = np.linalg.norm(m.T @ tail - rhs)
         if not np.isfinite(tail).all() or residual > 1e-8 * max(np.max(norms), np.linalg.norm(rhs)):
             raise AggregationError(
                 f"IMTL-G: the equal-projection system has no solution (residual {residual:.3g})"
             )
         alpha = np.concatenate([[1.0 - tail.sum()], tail])
-        return torch.as_tensor(alpha, dtype=gramian.dtype, device=gramian.device)
+        return weights_like(alpha, gramian)

@@ -56,6 +56,11 @@ class LinearScalarization(LossWeighting):
     def forward(self, losses: Tensor) -> Tensor:
         return (self.task_weights(losses) * losses).sum()
 
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d/dL_k sum_j w_j L_j = w_k``: :meth:`task_weights`, as a new tensor."""
+        w = self.task_weights(losses.detach())
+        return w if self.weights.numel() == 0 else w.clone()  # never the buffer itself
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # Allow loading fixed weights into an instance built without them (and vice versa).
         key = prefix + "weights"

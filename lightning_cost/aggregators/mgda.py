@@ -15,7 +15,9 @@ from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
 
-__all__ = ["MGDA", "gramian_as_float64", "min_norm_weights", "require_nonzero_norms"]
+__all__ = ["MGDA", "gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "weights_like"]
+
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def gramian_as_float64(gramian: Tensor) -> np.ndarray:
@@ -27,17 +29,28 @@ def gramian_as_float64(gramian: Tensor) -> np.ndarray:
     if gramian.shape[0] < 2:
         raise ValueError(f"multi-task aggregation needs at least 2 tasks, got K={gramian.shape[0]}")
     # one device-to-host copy; the finiteness test then runs on the K x K numpy array
-    g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if gramian.device.type == "cpu" and gramian.dtype in _NUMPY_DTYPE:
+        g = gramian.detach().numpy().astype(np.float64)  # no torch dispatch for a tiny CPU tensor
+    else:
+        g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
     if not np.isfinite(g).all():
         raise ValueError("gramian has non-finite entries")
     return 0.5 * (g + g.T)
 
 
+def weights_like(weights: np.ndarray, gramian: Tensor) -> Tensor:
+    """The (float64 numpy) weights as a tensor of the Gramian's dtype and device."""
+    np_dtype = _NUMPY_DTYPE.get(gramian.dtype)
+    if gramian.device.type == "cpu" and np_dtype is not None:
+        return torch.from_numpy(weights.astype(np_dtype, copy=False))  # as torch.as_tensor, cheaper
+    return torch.as_tensor(weights, dtype=gramian.dtype, device=gramian.device)
+
+
 def require_nonzero_norms(gramian: np.ndarray, method: str, reason: str) -> np.ndarray:
     """Return the task-gradient norms ``sqrt(diag G)``; raise ``ValueError`` naming any zero-norm task."""
-    norms = np.sqrt(np.clip(np.diag(gramian), 0.0, None))
-    zero = np.flatnonzero(norms <= 0.0).tolist()
-    if zero:
+    norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))  # G is finite here: maximum == clip
+    if not (norms > 0.0).all():
+        zero = np.flatnonzero(norms <= 0.0).tolist()
         raise ValueError(f"{method}: the gradient of task(s) {zero} is zero, and {reason}")
     return norms
 
@@ -47,7 +60,7 @@ def _affine_min_norm(gramian: np.ndarray, support: Sequence[int]) -> np.ndarray:
     s = list(support)
     n = len(s)
     kkt = np.zeros((n + 1, n + 1))
-    kkt[:n, :n] = gramian[np.ix_(s, s)]
+    kkt[:n, :n] = gramian[s][:, s]
     kkt[:n, n] = 1.0
     kkt[n, :n] = 1.0
     rhs = np.zeros(n + 1)
@@ -144,8 +157,7 @@ class MGDA(GramianAggregator):
         if self.normalization == "l2":
             norms = require_nonzero_norms(g, "MGDA(normalization='l2')", "'l2' divides by each gradient norm")
             g = g / np.outer(norms, norms)
-        w = min_norm_weights(g)
-        return torch.as_tensor(w, dtype=gramian.dtype, device=gramian.device)
+        return weights_like(min_norm_weights(g), gramian)
 
     def extra_repr(self) -> str:
         return f"normalization={self.normalization!r}"

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms
+from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms, weights_like
 
 __all__ = ["NashMTL"]
 
@@ -164,9 +163,7 @@ class NashMTL(GramianAggregator):
             fro = float(np.linalg.norm(g))
             self._prev_alpha = self.solve(g / fro, self._prev_alpha)
             self._last_scale = 1.0 if self.normalize_gramian else 1.0 / np.sqrt(fro)
-        return torch.as_tensor(
-            self._prev_alpha * self._last_scale, dtype=gramian.dtype, device=gramian.device
-        )
+        return weights_like(self._prev_alpha * self._last_scale, gramian)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from lightning_cost.aggregators.base import GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64
+from lightning_cost.aggregators.mgda import gramian_as_float64, weights_like
 
 __all__ = ["PCGrad", "seeded_generator"]
 
@@ -22,6 +22,42 @@ def seeded_generator(seed: int | None) -> torch.Generator:
     else:
         gen.manual_seed(int(seed))
     return gen
+
+
+#: Up to this many tasks the projections run on Python floats (numpy's per-call cost dominates there).
+_SMALL_K = 8
+
+
+def _project_small(g: list[list[float]], orders: list[list[int]]) -> np.ndarray:
+    """``sum_i c_i`` of Algorithm 1 on a symmetric Gramian given as lists, task by task."""
+    k = len(g)
+    total = [0.0] * k
+    for i in range(k):
+        c = [0.0] * k  # the coefficients of g_i^PC over the original gradients
+        c[i] = 1.0
+        for j in orders[i]:
+            gj = g[j]
+            dot = sum(a * b for a, b in zip(c, gj, strict=True))  # g_i^PC . g_j
+            if dot < 0.0:
+                c[j] -= dot / gj[j]
+        total = [t + x for t, x in zip(total, c, strict=True)]
+    return np.array(total)
+
+
+def _project_lockstep(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
+    """``sum_i c_i`` of Algorithm 1, the ``K`` projection sequences advanced together."""
+    k = g.shape[0]
+    order = np.array(orders, dtype=np.intp).reshape(k, k - 1)
+    c = np.eye(k)  # row i: the coefficients of g_i^PC over the original gradients
+    rows = np.arange(k)
+    diag = g.diagonal()
+    for step in range(k - 1):
+        js = order[:, step]
+        dots = (c * g[js]).sum(axis=1)  # g_i^PC . g_{j_i} for every task i
+        hit = dots < 0.0  # conflicting: project g_i^PC onto the normal plane of g_{j_i}
+        if hit.any():
+            c[rows[hit], js[hit]] -= dots[hit] / diag[js[hit]]
+    return c.sum(axis=0)
 
 
 class PCGrad(GramianAggregator):
@@ -39,7 +75,10 @@ class PCGrad(GramianAggregator):
     Every ``g_i^PC`` is a linear combination ``J^T c_i`` of the original gradients, and
     its dot products are ``c_i^T G``, so the whole procedure runs on the Gramian (in
     float64) and the result is returned as weights ``w = sum_i c_i`` over the original
-    gradients.
+    gradients. For ``K > 8`` the ``K`` projection sequences, which are independent of each
+    other, run in lock-step: step ``s`` applies the ``s``-th projection of every task at once
+    (``K - 1`` vectorised numpy steps on the ``K x K`` matrix of the ``c_i`` instead of
+    ``K (K - 1)`` scalar ones); for ``K <= 8`` plain Python floats are faster than numpy calls.
 
     Args:
         seed: seed of the ``torch.Generator`` that draws the task orders (one
@@ -62,20 +101,12 @@ class PCGrad(GramianAggregator):
         self.generator = seeded_generator(seed)
 
     def weights(self, gramian: Tensor) -> Tensor:
-        g = gramian_as_float64(gramian)
+        g = gramian_as_float64(gramian)  # exactly symmetric: row j of G is g_j's column
         k = g.shape[0]
-        total = np.zeros(k)
-        for i in range(k):
-            c = np.zeros(k)
-            c[i] = 1.0
-            for j in torch.randperm(k, generator=self.generator).tolist():
-                if j == i:
-                    continue
-                dot = float(c @ g[:, j])  # g_i^PC . g_j
-                if dot < 0.0:
-                    c[j] -= dot / g[j, j]
-            total += c
-        return torch.as_tensor(total, dtype=gramian.dtype, device=gramian.device)
+        # orders[i]: the other tasks in the random order of task i (one randperm per task, i = 0..K-1)
+        orders = [[j for j in torch.randperm(k, generator=self.generator).tolist() if j != i] for i in range(k)]
+        total = _project_small(g.tolist(), orders) if k <= _SMALL_K else _project_lockstep(g, orders)
+        return weights_like(total, gramian)
 
     def get_extra_state(self) -> Any:
         return {"generator": self.generator.get_state()}

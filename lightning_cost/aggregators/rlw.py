@@ -84,7 +84,7 @@ class RLW(LossWeighting):
         # A new tensor, not an in-place copy: the previous draw may be saved in an autograd
         # graph that is still to be back-propagated (forward, then observe, then backward).
         self.weights = self._draw(k).to(self.weights.device)
-        self.num_draws += 1
+        self.num_draws.add_(1)  # in place: no re-registration of the buffer
         return self.weights
 
     def _ensure(self, k: int) -> None:
@@ -101,6 +101,12 @@ class RLW(LossWeighting):
 
     def forward(self, losses: Tensor) -> Tensor:
         return (self.task_weights(losses) * losses).sum()
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d/dL_k sum_j lambda_j L_j = lambda_k``: the current draw, as a new tensor."""
+        check_losses(losses)
+        self._ensure(losses.shape[0])
+        return self.weights.to(device=losses.device, dtype=losses.dtype, copy=True)
 
     def observe(self, losses: Tensor) -> None:
         """Draw the weights for the next optimizer step."""

@@ -23,12 +23,22 @@ class ScaleInvariant(LossWeighting):
     :class:`ValueError` is raised otherwise, since ``log`` is undefined there).
     """
 
-    def forward(self, losses: Tensor) -> Tensor:
+    @staticmethod
+    def _check(losses: Tensor) -> None:
         check_losses(losses)
-        if (losses <= 0).any():
-            bad = (losses <= 0).nonzero().flatten().tolist()
+        values = losses.detach().tolist()
+        bad = [i for i, v in enumerate(values) if not v > 0]
+        if bad:
             raise ValueError(
                 f"ScaleInvariant needs strictly positive losses (it takes their log); "
-                f"tasks {bad} have losses {losses.detach()[bad].tolist()}"
+                f"tasks {bad} have losses {[values[i] for i in bad]}"
             )
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._check(losses)
         return losses.log().sum()
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d/dL_k sum_j log L_j = 1 / L_k``."""
+        self._check(losses)
+        return 1.0 / losses.detach()

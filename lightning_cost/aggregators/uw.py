@@ -63,14 +63,22 @@ class UncertaintyWeighting(LossWeighting):
         w = torch.exp(-self.s.detach())
         return w if losses is None else w.to(device=losses.device, dtype=losses.dtype)
 
-    def forward(self, losses: Tensor) -> Tensor:
+    def _check(self, losses: Tensor) -> None:
         check_losses(losses)
         if losses.shape[0] != self.num_tasks:
             raise ValueError(
                 f"UncertaintyWeighting was built for {self.num_tasks} tasks but got {losses.shape[0]} losses"
             )
+
+    def forward(self, losses: Tensor) -> Tensor:
+        self._check(losses)
         s = self.s.to(losses.device)
         return (torch.exp(-s) * losses + s).sum()
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """``d/dL_k sum_j (exp(-s_j) L_j + s_j) = exp(-s_k)``."""
+        self._check(losses)
+        return self.task_weights(losses)
 
     def extra_repr(self) -> str:
         return f"num_tasks={self.num_tasks}"
