@@ -331,6 +331,8 @@ def synthetic_jacobian(k: int, p: int, seed: int = 0) -> Tensor:
 
 
 # --------------------------------------------------------------------------- 3. solve / 6. peers
+# Section 6 is a quick look on the models' J; benchmarks/perf/aggregators.py is the careful per-method
+# comparison (every method, K in 2..40, P up to 1e6, interleaved repetitions, wall or CPU clock).
 
 
 def _our_method(name: str, k: int) -> Aggregator | LossWeighting:
@@ -397,8 +399,10 @@ def time_libmtl(name: str, jac: Tensor, losses: Tensor, reps: int) -> tuple[floa
     w.init_param()
     captured: list[Tensor] = []
     w._compute_grad_dim = lambda: None
-    w._get_grads = lambda losses, mode="backward": jac.clone()
-    w._compute_grad = lambda losses, mode, rep_grad=False: jac.clone()
+    # J itself, not a copy (a K x P copy per call was charged to LibMTL): none of these weightings
+    # writes into it (PCGrad clones it itself)
+    w._get_grads = lambda losses, mode="backward": jac
+    w._compute_grad = lambda losses, mode, rep_grad=False: jac
     w._reset_grad = lambda new_grads: captured.append(new_grads)
     lw = losses.detach().clone()
     ms = timeit(lambda: w.backward(lw, **kw), reps)
