@@ -107,11 +107,12 @@ def test_multimnist_notebook(monkeypatch, tmp_path):
     tasks = ["left", "right"]
     assert set(res["single_task"]) == set(tasks) and all(0 <= res["single_task"][t] <= 1 for t in tasks)
     table = res["methods"]
-    assert list(table) == ["LS", "FairGrad", "FairGrad + COST", "FairGrad + forced teleports"]
+    assert list(table) == ["LS", "FairGrad", "FairGrad + COST", "FairGrad + forced teleports",
+                           "FairGrad + forced, no HTR"]
     for name, row in table.items():
         assert set(row["acc"]) == set(tasks) and all(0 <= row["acc"][t] <= 1 for t in tasks), name
         assert _finite(row["delta_m"]) and row["wall_s"] > 0, name
-    for name in ["FairGrad + COST", "FairGrad + forced teleports"]:
+    for name in ["FairGrad + COST", "FairGrad + forced teleports", "FairGrad + forced, no HTR"]:
         ratio = table[name]["trigger_ratio"]
         assert len(ratio) == res["epochs"] and all(0 <= r <= 1 for r in ratio)
     # With the trigger silent the callback leaves FairGrad's training untouched, bit for bit.
@@ -122,6 +123,8 @@ def test_multimnist_notebook(monkeypatch, tmp_path):
     forced = res["forced"]
     assert forced["teleports"] == 2 and forced["accepted"] >= 1
     assert table["FairGrad + forced teleports"]["teleports"] == forced["accepted"]
+    no_htr = table["FairGrad + forced, no HTR"]
+    assert no_htr["teleports"] + no_htr["rejected"] == 2  # the same schedule
     assert all(0 <= d <= 0.05 for d in forced["loss_drift"])
     for before, after in zip(forced["cos_before"], forced["cos_after"], strict=True):
         assert len(before) == len(after) == 2 and all(-1 <= c <= 1 for c in before + after)
