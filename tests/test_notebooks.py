@@ -86,7 +86,8 @@ def test_toy_notebook(monkeypatch, tmp_path):
     out = _stdout(nb)
     assert "LS +COST" in out and out.count("reached") >= 2  # printed twice: the sweep and the "full" summary
     assert len(res["final_losses"]) == len(res["final_pareto_distance"]) == 2 * len(methods) * len(inits)
-    assert _finite(res["final_losses"]) and _finite(res["final_pareto_distance"])
+    assert _finite(res["final_losses"]) and _finite(res["final_pareto_distance"]), (
+        f"a run ended at a non-finite point: {res['final_losses']}")
     assert all(d > 0 for d in res["final_pareto_distance"])  # 150 steps do not reach the front
     assert set(res["counts"]) == set(methods)
     # From (9, -1) LS's gradients conflict with their mean: the callback teleports in 150 steps.
