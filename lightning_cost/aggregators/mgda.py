@@ -78,25 +78,26 @@ def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | No
     ``tol`` is relative to ``max_i G_ii``. An all-zero Gramian gives uniform weights.
     """
     k = gramian.shape[0]
-    scale = float(np.max(np.diag(gramian)))
+    # (ndarray methods rather than the np.* wrappers: the same operations, less per-call overhead)
+    scale = float(gramian.diagonal().max())
     if scale <= 0.0:
         return np.full(k, 1.0 / k)
     g = gramian / scale
     max_iter = 50 * k + 50 if max_iter is None else max_iter
-    first = int(np.argmin(np.diag(g)))
+    first = int(g.diagonal().argmin())
     support = [first]
     lam = np.zeros(k)
     lam[first] = 1.0
     for _ in range(max_iter):
         g_lam = g @ lam
-        j = int(np.argmin(g_lam))
+        j = int(g_lam.argmin())
         # Optimality: every vertex p_j satisfies x.p_j >= x.x (up to tol).
         if lam @ g_lam - g_lam[j] <= tol or j in support:
             return lam
         support.append(j)
         for _ in range(k + 1):  # minor cycle: each pass drops at least one vertex
             mu = _affine_min_norm(g, support)
-            if np.all(mu > tol):
+            if (mu > tol).all():
                 lam[:] = 0.0
                 lam[support] = mu
                 break
