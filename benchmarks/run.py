@@ -521,15 +521,13 @@ def write_reports(summary: dict[str, Any], out: Path, console: Any = None) -> No
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     methods = list(dict.fromkeys(a["method"] for a in summary["agg"]))
     costs = list(dict.fromkeys(a["cost"] for a in summary["agg"]))
     by = {(a["method"], a["cost"]): a["delta_m"] for a in summary["agg"]}
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(methods) * max(1, len(costs)) + 1.5), 3.6))
+    fig = Figure(figsize=(max(4.0, 1.2 * len(methods) * max(1, len(costs)) + 1.5), 3.6))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(costs))
     x = np.arange(len(methods))
     for j, c in enumerate(costs):
@@ -546,7 +544,6 @@ def _plot(summary: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- entry point

@@ -137,13 +137,11 @@ def print_table(results: list[dict[str, Any]], header: str) -> None:
 
 def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     """Write Fig. 5a (trigger ratio per epoch) and Fig. 8 (before vs after each accepted teleport)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone
 
     datasets = list(dict.fromkeys(r["dataset"] for r in results))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(4 * len(datasets), 3.2), squeeze=False)
+    fig = Figure(figsize=(4 * len(datasets), 3.2))
+    axes = fig.subplots(1, len(datasets), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
         for r in (r for r in results if r["dataset"] == ds):
             ratios = r["trigger_ratio_per_epoch"]
@@ -158,9 +156,9 @@ def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.tight_layout()
     p5 = out / "fig5a_trigger_ratio.png"
     fig.savefig(p5, dpi=110)
-    plt.close(fig)
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(8.5, 3.8))
+    fig = Figure(figsize=(8.5, 3.8))
+    a, b = fig.subplots(1, 2)
     markers = "osD^v<>p*h"
     for i, ds in enumerate(datasets):
         ev = [h for r in results if r["dataset"] == ds for h in r["history"] if h["accepted"]]
@@ -184,7 +182,6 @@ def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     fig.tight_layout()
     p8 = out / "fig8_before_after.png"
     fig.savefig(p8, dpi=110)
-    plt.close(fig)
     return [p5, p8]
 
 

@@ -569,16 +569,15 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path, extent: float
     landed; large black dots = the inits; end markers: square = reached the Pareto set, cross = did not
     (hollow with COST); grey band = the Pareto set (its image in loss space)."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (e.g. Jupyter's) is left alone
 
     methods = list(dict.fromkeys(r["method"] for r in runs))
     inits = list(dict.fromkeys(tuple(r["init"]) for r in runs))
-    colors = plt.get_cmap("tab10")
+    colors = matplotlib.colormaps["tab10"]
     n = len(methods)
-    fig, axes = plt.subplots(2, n, figsize=(3.2 * n, 6.6), squeeze=False)
+    fig = Figure(figsize=(3.2 * n, 6.6))
+    axes = fig.subplots(2, n, squeeze=False)
 
     grid = torch.linspace(-extent, extent, 241, dtype=torch.float64)
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
@@ -630,10 +629,9 @@ def plot_results(runs: Sequence[dict[str, Any]], path: str | Path, extent: float
                 Line2D([], [], color="k", linestyle="--", label="with COST"),
                 Line2D([], [], color="k", linestyle="", marker=".", markersize=3, label="accepted teleport"),
                 Line2D([], [], color="grey", linewidth=5, alpha=0.5, label="Pareto set")]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 9), fontsize=8, frameon=False)
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), max(3, int(3.2 * n / 1.6))), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------- CLI
