@@ -407,16 +407,22 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def _pair(row: dict[str, Any], peer: str) -> str:
+    """``ratio (paired)`` of one row and peer."""
+    r, q = row.get(f"ratio_{peer}"), row.get(f"paired_ratio_{peer}")
+    return "-" if r is None else f"{r:.2f} ({q:.2f})"
+
+
 def render_compare(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
-    """Before/after table of the ratios ours/peer."""
+    """Before/after table of the ratios ours/peer: ratio of the medians (median of the paired ratios)."""
     key = lambda r: (r["method"], r["K"], r["P"])  # noqa: E731
     before = {key(r): r for r in old}
-    header = ["method", "K", "P", "tjd before", "tjd after", "lib before", "lib after", "ours ms before", "after"]
+    header = ["method", "K", "P", "/tjd before", "/tjd after", "/lib before", "/lib after", "ours ms before", "after"]
     cells = []
     for r in new:
         b = before.get(key(r), {})
-        cells.append([r["method"], str(r["K"]), f"{r['P']:.0e}", _f(b.get("ratio_torchjd")), _f(r.get("ratio_torchjd")),
-                      _f(b.get("ratio_libmtl")), _f(r.get("ratio_libmtl")), _ms(b, "ours") if b else "-", _ms(r, "ours")])
+        cells.append([r["method"], str(r["K"]), f"{r['P']:.0e}", _pair(b, "torchjd"), _pair(r, "torchjd"),
+                      _pair(b, "libmtl"), _pair(r, "libmtl"), _ms(b, "ours") if b else "-", _ms(r, "ours")])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
     return "\n".join([line, "-" * len(line), *("  ".join(c.rjust(w) for c, w in zip(cs, widths, strict=True))

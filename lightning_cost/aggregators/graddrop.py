@@ -71,16 +71,18 @@ class GradDrop(Aggregator):
         k, p = jacobian.shape
         work = jacobian.to(torch.promote_types(jacobian.dtype, torch.float32))
         leak = self._leak_vector(k, work).unsqueeze(1)
-        abs_total = work.abs().sum(dim=0)
+        scratch = work.abs()  # the one K x P temporary, reused below (fresh ones cost page faults)
+        abs_total = scratch.sum(dim=0)
         # A NaN or infinite entry makes its column's sum of |g_ip| non-finite: J is finite whenever
         # abs_total is, and only then is J itself scanned (to name the rows, or to find that the
         # sum merely overflowed).
         if not bool(torch.isfinite(abs_total).all()):
             check_jacobian(jacobian)
         total = work.sum(dim=0)
-        nonzero = abs_total > 0
-        safe = torch.where(nonzero, abs_total, torch.ones_like(abs_total))
-        purity = torch.where(nonzero, 0.5 * (1.0 + total / safe), torch.full_like(total, 0.5))
+        # An all-zero column has total = 0 and is divided by 1: 0.5 * (1 + 0 / 1) is exactly the 0.5
+        # the docstring sets for it, so no second where() (nor P-sized ones/full tensors) is needed.
+        safe = torch.where(abs_total > 0, abs_total, 1.0)
+        purity = (total / safe).add_(1.0).mul_(0.5)
         u = torch.rand(p, generator=self.generator, dtype=torch.float32).to(
             device=work.device, dtype=work.dtype
         )
@@ -89,7 +91,9 @@ class GradDrop(Aggregator):
             # No leak: M_ip g_ip is g_ip^+ = max(g_ip, 0) where the positive side is kept and
             # g_ip^- = min(g_ip, 0) elsewhere, so d_p = sum_i g_ip^+ or sum_i g_ip^- (the same sums,
             # in the same order, as sum_i M_ip g_ip; dropped entries add a zero either way).
-            d = torch.where(keep_positive, work.clamp_min(0.0).sum(dim=0), work.clamp_max(0.0).sum(dim=0))
+            pos = torch.clamp_min(work, 0.0, out=scratch).sum(dim=0)
+            neg = torch.clamp_max(work, 0.0, out=scratch).sum(dim=0)
+            d = torch.where(keep_positive, pos, neg)
         else:
             keep_positive = keep_positive.unsqueeze(0)
             mask = (keep_positive & (work > 0)) | (~keep_positive & (work < 0))
