@@ -46,20 +46,23 @@ class LinearScalarization(LossWeighting):
 
     def task_weights(self, losses: Tensor) -> Tensor:
         """The weight vector applied to ``losses`` (ones unless fixed weights were given)."""
+        return self._weights_for(losses, copy=False)
+
+    def _weights_for(self, losses: Tensor, copy: bool) -> Tensor:
         check_losses(losses)
-        if self.weights.numel() == 0:
-            return torch.ones_like(losses)
-        if self.weights.numel() != losses.shape[0]:
-            raise ValueError(f"got {losses.shape[0]} losses but {self.weights.numel()} fixed weights")
-        return self.weights.to(device=losses.device, dtype=losses.dtype)
+        fixed = self.weights
+        if fixed.numel() == 0:
+            return torch.ones_like(losses)  # a new tensor, never requiring grad
+        if fixed.numel() != losses.shape[0]:
+            raise ValueError(f"got {losses.shape[0]} losses but {fixed.numel()} fixed weights")
+        return fixed.to(device=losses.device, dtype=losses.dtype, copy=copy)
 
     def forward(self, losses: Tensor) -> Tensor:
         return (self.task_weights(losses) * losses).sum()
 
     def loss_weights(self, losses: Tensor) -> Tensor:
-        """``d/dL_k sum_j w_j L_j = w_k``: :meth:`task_weights`, as a new tensor."""
-        w = self.task_weights(losses.detach())
-        return w if self.weights.numel() == 0 else w.clone()  # never the buffer itself
+        """``d/dL_k sum_j w_j L_j = w_k``: :meth:`task_weights`, as a new tensor (never the buffer)."""
+        return self._weights_for(losses, copy=True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         # Allow loading fixed weights into an instance built without them (and vice versa).

@@ -76,22 +76,25 @@ class RLW(LossWeighting):
 
     def resample(self, num_tasks: int | None = None) -> Tensor:
         """Draw new weights (for ``num_tasks`` tasks, default: the current ``K``) and return them."""
-        k = self.weights.numel() if num_tasks is None else int(num_tasks)
+        current = self.weights
+        k = current.numel() if num_tasks is None else int(num_tasks)
         if k < 2:
             raise ValueError(
                 "RLW does not know the number of tasks yet: pass num_tasks or call forward first"
             )
         # A new tensor, not an in-place copy: the previous draw may be saved in an autograd
         # graph that is still to be back-propagated (forward, then observe, then backward).
-        self.weights = self._draw(k).to(self.weights.device)
+        new = self._draw(k)  # drawn on the CPU generator
+        self.weights = new if current.device.type == "cpu" else new.to(current.device)
         self.num_draws.add_(1)  # in place: no re-registration of the buffer
         return self.weights
 
     def _ensure(self, k: int) -> None:
-        if self.weights.numel() == 0:
+        n = self.weights.numel()
+        if n == 0:
             self.resample(k)
-        elif self.weights.numel() != k:
-            raise ValueError(f"RLW was set up for {self.weights.numel()} tasks but got {k} losses")
+        elif n != k:
+            raise ValueError(f"RLW was set up for {n} tasks but got {k} losses")
 
     def task_weights(self, losses: Tensor) -> Tensor:
         """The current random weights (drawing the first ones if needed)."""
