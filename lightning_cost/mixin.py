@@ -46,8 +46,8 @@ w.r.t. the shared representation in ``mtl_step.representation_jacobian`` (``[K, 
 representation is the output of the shared module when ``configure_multitask`` got a module (a
 forward hook captures it during ``training_step``), or whatever ``training_step`` passes to
 :meth:`mark_representation`. With a Jacobian step these gradients come out of the same K
-vector-Jacobian products (no extra pass); with a loss weighting they cost K backward passes
-through the heads only.
+vector-Jacobian products (no extra pass); with a loss weighting they cost one batched backward
+(K cotangents) through the heads only.
 
 Non-finite losses or gradients: the step is skipped with a warning and the weights are left
 untouched. With a fp16 ``GradScaler`` the non-finite gradients are handed to the scaler instead,
@@ -288,6 +288,32 @@ class MultiTaskMixin:
             return self._mtl_jacobian_step(losses, reps)
         return self._mtl_weighting_step(losses, reps)
 
+    def _mtl_rep_jacobian(self, losses: Tensor, reps: Sequence[Tensor]) -> Tensor:
+        """``[K, B, D]`` gradients of the K losses w.r.t. the representation (graph kept for the backward).
+
+        One batched VJP (``is_grads_batched``, K one-hot cotangents) where autograd can vectorise the
+        heads' backward (measured 3x cheaper than K calls on Yeast, K = 14), else K calls.
+        """
+        scaler = self._mtl_scaler()
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        k = losses.shape[0]
+        scaled = losses * scale if scale != 1.0 else losses
+        if getattr(self, "_mtl_rep_batched", True):
+            try:
+                eye = torch.eye(k, dtype=scaled.dtype, device=scaled.device)
+                grads = torch.autograd.grad(scaled, list(reps), grad_outputs=eye, is_grads_batched=True,
+                                            retain_graph=True, allow_unused=True)
+                return torch.stack([self._mtl_rep_rows([g[i] if g is not None else None for g in grads], reps, scale)
+                                    for i in range(k)])
+            except RuntimeError as err:  # an op without a batching rule: fall back to the loop for good
+                log.debug("lightning_cost: batched representation gradients failed (%s); using K passes", err)
+                self._mtl_rep_batched = False
+        return torch.stack([
+            self._mtl_rep_rows(torch.autograd.grad(scaled[i], list(reps), retain_graph=True, allow_unused=True),
+                               reps, scale)
+            for i in range(k)
+        ])
+
     @staticmethod
     def _mtl_rep_rows(grads: Sequence[Tensor | None], reps: Sequence[Tensor], scale: float) -> Tensor:
         """One task's representation gradients as ``[B, D]`` (``[1, N]`` if the reps disagree on ``B``)."""
@@ -328,16 +354,8 @@ class MultiTaskMixin:
                 return losses.sum()
             self._mtl_skip(record, f"non-finite task losses {global_losses.tolist()}")
             return (losses * 0.0).sum()  # a backward still runs (DDP needs it); its gradients are dropped
-        if reps:  # K backward passes through the heads only, to the representation
-            scaler = self._mtl_scaler()
-            scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-            rows = [
-                self._mtl_rep_rows(
-                    torch.autograd.grad(losses[i] * scale, list(reps), retain_graph=True, allow_unused=True),
-                    reps, scale)
-                for i in range(losses.shape[0])
-            ]
-            record.representation_jacobian = torch.stack(rows)
+        if reps:  # backward passes through the heads only, to the representation
+            record.representation_jacobian = self._mtl_rep_jacobian(losses, reps)
         objective = method(losses)
         method.observe(global_losses)
         self.mtl_step = record

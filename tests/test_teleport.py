@@ -110,24 +110,56 @@ def adam_with_state(params, betas=(0.9, 0.999)):
     return opt
 
 
-@pytest.mark.parametrize("sigma", [0.6, 1.0, -0.4])
-def test_htr_adam_gives_eq13_moments_for_the_shared_parameters_only(sigma):
+@pytest.mark.parametrize("bias_corrected", [False, True])
+@pytest.mark.parametrize("sigma", [0.6, 1.0, -0.4, 0.0])
+@pytest.mark.parametrize("steps_before", [1, 7])
+def test_htr_adam_gives_eq13_moments_for_the_shared_parameters_only(sigma, bias_corrected, steps_before):
     torch.manual_seed(0)
     shared, head = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(3))
     opt = adam_with_state([shared, head])
+    for _ in range(steps_before - 1):
+        for p in (shared, head):
+            p.grad = torch.randn_like(p)
+        opt.step()
+    t = steps_before
     m0, v0 = opt.state[shared]["exp_avg"].clone(), opt.state[shared]["exp_avg_sq"].clone()
     head_state = {k: v.clone() for k, v in opt.state[head].items()}
     g = torch.randn(4)
     shared.grad, head.grad = g.clone(), torch.randn(3)
     hg = head.grad.clone()
-    assert apply_htr(opt, [shared], sigma) == "adam"
+    assert apply_htr(opt, [shared], sigma, bias_corrected=bias_corrected) == "adam"
     opt.step()
     s = min(max(sigma, 0.0), 1.0)
     b1, b2 = 0.9, 0.999
-    torch.testing.assert_close(opt.state[shared]["exp_avg"], s * b1 * m0 + (1 - s * b1) * g)
-    torch.testing.assert_close(opt.state[shared]["exp_avg_sq"], s * b2 * v0 + (1 - s * b2) * g * g)
+    m13, v13 = s * b1 * m0 + (1 - s * b1) * g, s * b2 * v0 + (1 - s * b2) * g * g  # eq. 13
+    m, v = opt.state[shared]["exp_avg"], opt.state[shared]["exp_avg_sq"]
+    if bias_corrected:  # Adam's bias-corrected moments are eq. 13's moments over their total weight
+        torch.testing.assert_close(m / (1 - b1 ** (t + 1)), m13 / (1 - s * b1 ** (t + 1)))
+        torch.testing.assert_close(v / (1 - b2 ** (t + 1)), v13 / (1 - s * b2 ** (t + 1)))
+        if s == 0.0:  # history dropped: the step of a fresh Adam on g
+            torch.testing.assert_close(m / (1 - b1 ** (t + 1)), g)
+            torch.testing.assert_close(v / (1 - b2 ** (t + 1)), g * g)
+    else:
+        torch.testing.assert_close(m, m13)
+        torch.testing.assert_close(v, v13)
+    if s == 1.0:  # nothing to forget: an ordinary Adam step either way
+        torch.testing.assert_close(m, b1 * m0 + (1 - b1) * g)
     torch.testing.assert_close(opt.state[head]["exp_avg"], b1 * head_state["exp_avg"] + (1 - b1) * hg)
-    assert (opt.state[shared]["exp_avg_sq"] >= 0).all()
+    assert (v >= 0).all()
+
+
+@pytest.mark.parametrize("bias_corrected", [False, True])
+def test_htr_with_beta1_zero_stays_finite(bias_corrected):
+    """``betas=(0, 0.99)`` (the 2-D toy's): no first-moment history, and no division by ``b1``."""
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(3))
+    opt = adam_with_state([p], betas=(0.0, 0.99))
+    g = torch.randn(3)
+    p.grad = g.clone()
+    apply_htr(opt, [p], 0.3, bias_corrected=bias_corrected)
+    opt.step()
+    assert all(torch.isfinite(v).all() for v in opt.state[p].values()) and torch.isfinite(p).all()
+    torch.testing.assert_close(opt.state[p]["exp_avg"], g)  # b1 = 0: m is the gradient whatever HTR did
 
 
 def test_htr_sgd_scales_the_momentum_buffer_and_warns_otherwise():
@@ -679,6 +711,10 @@ def test_representation_jacobian_is_the_gradient_wrt_the_trunk_output(method):
         torch.testing.assert_close(loss, losses[i])
         (g,) = torch.autograd.grad(loss, z)
         torch.testing.assert_close(rj[i], g, rtol=1e-5, atol=1e-7)
+    if method == "ls":  # the K-pass fallback of the batched VJP gives the same rows
+        model._mtl_rep_batched = False
+        model.training_step((x, y), 0)
+        torch.testing.assert_close(model.mtl_step.representation_jacobian, rj, rtol=1e-6, atol=1e-8)
     model.request_representation_jacobian(False)
     assert model._mtl_rep_hook is None
 

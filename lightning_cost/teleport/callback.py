@@ -36,7 +36,25 @@ class SymmetryTeleportCallback(L.Callback):
     shared parameters, count the tasks with ``cos(g_i, g_0) < 0``; teleport when the count is at
     least ``ceil(K/2)`` (``trigger="authors"``: any task with ``cos <= 0``). Under gradient
     accumulation only the micro-batch that steps is checked; steps with non-finite gradients are
-    never checked; every DDP rank sees the same global Jacobian and decides the same.
+    never checked; every DDP rank sees the same global Jacobian and decides the same. With a
+    gradient aggregator (FairGrad, MGDA, ...) the trigger reads the Jacobian the aggregator already
+    computed (``mtl_step.jacobian``, the same tensor): it adds K cosines, no backward pass.
+
+    **Representation trigger** (``trigger_on="representation"``, optional, approximate): the same
+    rule on the per-task gradients w.r.t. the shared *representation* (the trunk's output
+    ``z``, ``[B, D]``) instead of the shared parameters, from their ``K x K`` Gram matrix
+    (:func:`~lightning_cost.teleport.trigger.conflict_cosines_from_gram`).
+    ``representation_reduce="flatten"`` compares the ``B*D`` per-sample gradients
+    (``G_ij = sum_b <dL_i/dz_b, dL_j/dz_b>``), ``"mean"`` their batch sums
+    (``<sum_b dL_i/dz_b, sum_b dL_j/dz_b>``). A parameter gradient of the trunk's last layer is
+    ``sum_b dL_i/dz_b h_b^T``, so its inner products weigh the sample pairs by ``<h_b, h_b'>``:
+    ``flatten`` keeps only the diagonal, ``mean`` gives every pair weight 1; neither is exact. It is
+    cheap: with a loss weighting no parameter Jacobian is computed on the checked steps (one
+    batched backward through the heads to ``z``), and the Jacobian of eq. 10 and ``g'`` of eq. 12
+    are computed only when a teleport happens. The module must expose ``z``:
+    :class:`~lightning_cost.MultiTaskMixin` hooks the output of the module passed as ``shared`` to
+    ``configure_multitask`` (or takes what ``training_step`` gives to ``mark_representation``).
+    Measured agreement with the exact trigger and cost: see ``trigger_on`` below.
 
     **Teleport**: LoRA (PEFT) on the shared supported layers and dense deltas on other shared
     parameters (:class:`~lightning_cost.teleport.adapter.TeleportAdapter`), trained for
@@ -48,7 +66,10 @@ class SymmetryTeleportCallback(L.Callback):
     (the gradient of a max is the gradient of its arg-max term). ``sharpness="difference"`` uses
     eq. 8's ``L(theta+dtheta+eps) - L(theta+dtheta)`` instead of eq. 9's plain perturbed loss.
     The adapter is then merged in place (the optimizer's Parameter objects are kept),
-    ``requires_grad`` flags and all buffers (BatchNorm statistics) are restored.
+    ``requires_grad`` flags and all buffers (BatchNorm statistics) are restored. Forwards at
+    ``theta + dtheta`` use the merged weight ``W + s B A`` (PEFT's LoRA branch switched off,
+    :class:`~lightning_cost.teleport.adapter.TeleportAdapter`), computed once per inner step for the
+    ``n~ + 2`` evaluations.
 
     **The teleporting batch**: its gradient was computed at the pre-teleport point, so no optimizer
     step is taken on it (all its gradients are dropped); the next batch trains at the new point.
@@ -61,6 +82,22 @@ class SymmetryTeleportCallback(L.Callback):
     **HTR** (eqs. 12-13): ``sigma = cos(dtheta, g')`` with ``g'`` the aggregated gradient at the
     pre-teleport point; applied to the optimizer's state of the shared parameters right before the
     next optimizer step (:func:`~lightning_cost.teleport.htr.apply_htr`).
+
+    **Cost** (``python -m benchmarks.perf.cost_budget``; MultiMNIST LeNet, batch 256, one CPU thread):
+    with a gradient aggregator the trigger costs 1.04x a FairGrad step (1.08x on Yeast, K = 14); with
+    a loss weighting the exact trigger needs the Jacobian (LS step x1.6 on MultiMNIST, x3.3 on
+    Yeast; ``check_every`` and ``trigger_on="representation"`` cut that). A teleport costs about
+    ``0.55 s + 0.7 s x inner_steps`` there (7.4 s at the default 10 inner steps, about 30 FairGrad
+    steps; about 1.7x less than through PEFT's LoRA branch, whose forward costs 1.7x the merged
+    weight's on this conv net), so on the main MultiMNIST job (64 steps) one forced teleport per
+    epoch takes FairGrad + COST to 1.8x FairGrad's training time with 10 inner steps, 1.25-1.3x
+    with ``inner_steps=3, inner_lr=3e-3`` and 1.05-1.1x with ``inner_steps=1, inner_lr=1e-2``
+    (1.1-1.2x at 2 per epoch). The fewer, larger inner steps move the weights as far
+    (``|dtheta|/|theta|`` 0.6 % and 2.5 % vs 0.4 %), keep the losses (drift 0.06 % and 0.3 % vs
+    0.015 %) and leave the gradient norm as unchanged (x0.999, x0.995 vs x1.001) as 10 steps do;
+    the defaults stay at 10 steps at the outer lr because the Delta-m% of one seed cannot tell them
+    apart (all forced-teleport runs are worse than FairGrad there; at the default settings the
+    trigger never fires on MultiMNIST, so FairGrad + COST is FairGrad, at 1.0x its time).
 
     **Observability**: ``history`` holds one record per teleport (see :meth:`_record`), and
     ``epoch_stats`` one per epoch (checked steps, conflicting steps, trigger ratio, teleports).
@@ -88,7 +125,38 @@ class SymmetryTeleportCallback(L.Callback):
             the training loader (plus the current one).
         loss_tolerance, abs_tolerance: acceptance test on every task loss after the merge.
         use_lt, use_lg, use_htr: ablation switches (paper Table 4).
+        htr_bias_correction: apply eq. 13 to Adam's bias-corrected moments (default) rather than to
+            the raw ones (:func:`~lightning_cost.teleport.htr.apply_htr`). Both agree once
+            ``1 - b2^t`` is close to 1 (thousands of steps: the paper's 200-epoch runs, where the
+            authors teleport from epoch 50); earlier, the raw rule inflates Adam's ``v_hat`` up to
+            ``1 / (1 - b2^t)``. Measured on the main MultiMNIST job (FairGrad, forced teleports,
+            seed 0), Delta-m% corrected vs raw: 28.9 vs 39.6 and 25.6 vs 41.4 (3 inner steps, 4 and 8
+            teleports per epoch), 36.9 vs 42.0 and 20.1 vs 20.9 (1 inner step, 4 and 1 per epoch).
+            (Without HTR those runs are better still: eq. 13 with the measured ``sigma`` of about 0.1
+            replaces 90 % of Adam's history by one gradient.)
         use_lora: ``False`` uses dense deltas on every shared parameter instead of LoRA.
+        batched_perturbations: evaluate the ``n~`` perturbed losses of eq. 9 in one
+            :func:`torch.func.vmap` pass over stacked weights instead of ``n~`` forwards (the same
+            ``L_g`` up to float rounding; tested against the loop). Off by default: on one CPU thread
+            it took 1.98x the loop's time on the MultiMNIST LeNet (batch 256) and 0.52x on the Yeast
+            MLP (batch 64); turn it on for small models or where kernel launches dominate (GPU).
+            Modules that ``vmap`` cannot trace (``.item()``, data-dependent control flow) need it off.
+        trigger_on: ``"parameters"`` (default, exact: eqs. 3-4 on the shared parameters' Jacobian) or
+            ``"representation"`` (approximate, see above). Measured (``python -m
+            benchmarks.perf.cost_budget --sections levers agreement``): step cost with LS 1.14x /
+            1.09x (flatten / mean) instead of 1.6x for the exact trigger on MultiMNIST, 1.42x / 1.37x
+            instead of 3.3x on Yeast. Agreement with the exact decision, per step: 100 % on MultiMNIST
+            (64 steps, neither fires) and on Yeast with the ceil(K/2) rule (115 steps; ``mean``:
+            98 %); Yeast with the any-task rule: ``flatten`` 90 % (fires on half the steps the exact
+            rule fires on, never wrongly), ``mean`` 26 % (fires on 90 % of the steps). Where
+            conflicts are frequent (a synthetic 4-task bottleneck, exact rule firing on 38 % of the
+            steps) it is a poor proxy: ``flatten`` fires on 1 % (agreement 63 %), ``mean`` on 77 %
+            (agreement 54 %). Use it to make the trigger cheap where the exact one is mostly silent.
+        representation_reduce: ``"flatten"`` (default) or ``"mean"``, see above.
+        teleport_every: ``N > 0`` also forces a teleport at the steps with ``global_step % N == N // 2``
+            (``N/2``, ``3N/2``, ...), whatever the trigger says (``max_teleports_per_epoch``,
+            warm-up and spacing still apply): a fixed teleport budget, e.g. where the trigger is
+            silent (MultiMNIST, K = 2). 0 (default): the trigger alone decides.
         seed: seed of the perturbation draws (the same on every rank).
     """
 
@@ -115,6 +183,7 @@ class SymmetryTeleportCallback(L.Callback):
         use_lt: bool = True,
         use_lg: bool = True,
         use_htr: bool = True,
+        htr_bias_correction: bool = True,
         use_lora: bool = True,
         batched_perturbations: bool = False,
         trigger_on: Literal["parameters", "representation"] = "parameters",
@@ -158,6 +227,7 @@ class SymmetryTeleportCallback(L.Callback):
         self.check_every = check_every
         self.loss_tolerance, self.abs_tolerance = loss_tolerance, abs_tolerance
         self.use_lt, self.use_lg, self.use_htr = use_lt, use_lg, use_htr
+        self.htr_bias_correction = htr_bias_correction
         self.seed = seed
         # state (checkpointed)
         self.history: list[dict[str, Any]] = []
@@ -209,8 +279,9 @@ class SymmetryTeleportCallback(L.Callback):
         self._epoch = {"checked": 0, "conflicting": 0, "teleports": 0}
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.trigger_on == "representation":
-            pl_module.request_representation_jacobian(False)  # removes the forward hook
+        request = getattr(pl_module, "request_representation_jacobian", None)
+        if stage == "fit" and self.trigger_on == "representation" and callable(request):
+            request(False)  # removes the forward hook
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._batch, self._batch_idx = batch, batch_idx
@@ -265,7 +336,7 @@ class SymmetryTeleportCallback(L.Callback):
         grads = [p.grad for p in shared if p.grad is not None]
         if (record is not None and record.skipped) or not grads or not all(torch.isfinite(g).all() for g in grads):
             return  # this step will not be taken: keep HTR for the next one
-        apply_htr(optimizer, shared, self._pending_sigma)
+        apply_htr(optimizer, shared, self._pending_sigma, bias_corrected=self.htr_bias_correction)
         self._pending_sigma = None
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
