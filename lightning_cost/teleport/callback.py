@@ -229,6 +229,7 @@ class SymmetryTeleportCallback(L.Callback):
         self.use_lt, self.use_lg, self.use_htr = use_lt, use_lg, use_htr
         self.htr_bias_correction = htr_bias_correction
         self.seed = seed
+        self._dropout_off = False  # set during a teleport when dropout layers were switched off
         # state (checkpointed)
         self.history: list[dict[str, Any]] = []
         self.epoch_stats: list[dict[str, Any]] = []
@@ -447,12 +448,29 @@ class SymmetryTeleportCallback(L.Callback):
         return all_reduce_mean(losses.detach()), all_reduce_mean_(torch.stack(rows))
 
     def _teleport(self, trainer: L.Trainer, pl_module: Any, record: StepRecord, before: Any) -> None:
+        """Teleport with every dropout layer switched off, so that each evaluation of the task losses is
+        the same function of the weights: with dropout on, ``L_t`` (eq. 7) and the acceptance test would
+        compare losses under different random masks (measured on the Tox21/QM8 fingerprint MLP, dropout
+        0.1: every teleport rejected with a 3-18 % "drift" that was mask noise). BatchNorm keeps using
+        the batch statistics (its buffers are restored); each layer's mode is restored afterwards."""
+        dropouts = [m for m in pl_module.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training]
+        for m in dropouts:
+            m.eval()
+        self._dropout_off = bool(dropouts)
+        try:
+            self._teleport_impl(trainer, pl_module, record, before)
+        finally:
+            for m in dropouts:
+                m.train()
+            self._dropout_off = False
+
+    def _teleport_impl(self, trainer: L.Trainer, pl_module: Any, record: StepRecord, before: Any) -> None:
         start = time.perf_counter()
         shared = pl_module.shared_parameters()
         weights0 = [p.detach().clone() for p in shared]
         buffers0 = [(b, b.detach().clone()) for b in pl_module.buffers()]
         grad_flags = [(p, p.requires_grad) for p in pl_module.parameters()]
-        was_training = pl_module.training
+        modes = [(m, m.training) for m in pl_module.modules()]
 
         def restore_buffers() -> None:
             with torch.no_grad():
@@ -473,7 +491,9 @@ class SymmetryTeleportCallback(L.Callback):
             before = (before, self.trigger(jacobian))
         batches = self._teleport_data(trainer, pl_module)
         with torch.no_grad():
-            target = record.losses.float() if len(batches) == 1 else all_reduce_mean(self._losses(trainer, pl_module, batches))
+            # the step's losses are L* unless dropout was on when they were computed (they used other masks)
+            reuse = len(batches) == 1 and not self._dropout_off
+            target = record.losses.float() if reuse else all_reduce_mean(self._losses(trainer, pl_module, batches))
         ratios = balance_ratios(norms_before.float(), self.ratio).to(target.device)
 
         def restore_weights() -> None:
@@ -516,7 +536,8 @@ class SymmetryTeleportCallback(L.Callback):
             for p, flag in grad_flags:
                 p.requires_grad_(flag)
             restore_buffers()
-            pl_module.train(was_training)
+            for m, mode in modes:
+                m.training = mode
 
         if not reason:
             if not all(torch.isfinite(p).all() for p in shared):
