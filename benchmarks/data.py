@@ -40,6 +40,7 @@ import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -236,10 +237,13 @@ class _MultiTaskDataModule(L.LightningDataModule):
         return int(np.prod(self.in_shape))
 
     # -- loaders
-    def _loader(self, ds: TensorDataset | None, train: bool) -> DataLoader:
+    #: ``DataLoader(collate_fn=...)``; ``None`` is PyTorch's default (graph data sets set their own)
+    collate_fn: Any = None
+
+    def _loader(self, ds: Any, train: bool) -> DataLoader:
         self._ensure_setup()
         assert ds is not None
-        kw: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory)
+        kw: dict = dict(num_workers=self.num_workers, pin_memory=self.pin_memory, collate_fn=self.collate_fn)
         if self.num_workers > 0:
             kw["persistent_workers"] = True
         if not train:

@@ -72,7 +72,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 
 from benchmarks.data import DATA_ENV_VAR, _MultiTaskDataModule, _safe_task_names, default_data_root
 from benchmarks.paper_tasks import attribute_task, depth_task, normal_task, segmentation_task
@@ -112,24 +112,7 @@ def resolve_root(root: str | os.PathLike | None, default: str) -> Path:
 
 
 class _PaperDataModule(_MultiTaskDataModule):
-    """Loader logic of the base class, plus an optional ``collate_fn`` and lazily read datasets."""
-
-    collate_fn: Any = None
-
-    def _loader(self, ds, train: bool) -> DataLoader:
-        self._ensure_setup()
-        assert ds is not None
-        kw: dict[str, Any] = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
-                                  collate_fn=self.collate_fn)
-        if self.num_workers > 0:
-            kw["persistent_workers"] = True
-        if not train:
-            return DataLoader(ds, batch_size=self.eval_batch_size, shuffle=False, **kw)
-        drop_last = self.drop_last
-        if drop_last is None:  # a last batch of one sample breaks BatchNorm in training mode
-            drop_last = len(ds) % self.batch_size == 1 and len(ds) > self.batch_size
-        gen = torch.Generator().manual_seed(self.seed)
-        return DataLoader(ds, batch_size=self.batch_size, shuffle=True, generator=gen, drop_last=drop_last, **kw)
+    """The base class's loaders (with its ``collate_fn`` hook) over lazily read data sets."""
 
     @property
     def in_shape(self) -> tuple[int, ...]:
