@@ -142,9 +142,9 @@ def test_non_finite_step_is_skipped_with_weights_untouched(method, caplog):
         run(model, steps=3, callbacks=[Snap()])
     assert model.mtl_skipped_steps == 1
     assert "skipping the optimizer step" in caplog.text
-    for a, b in zip(snapshots[1], snapshots[2]):  # batch 1 (non-finite) did not move anything
+    for a, b in zip(snapshots[1], snapshots[2], strict=True):  # batch 1 (non-finite) did not move anything
         assert torch.equal(a, b)
-    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1]))
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1], strict=True))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -154,7 +154,7 @@ def test_aggregation_error_skips_the_step(caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_cost"):
         run(model, steps=2)
     assert model.mtl_skipped_steps == 2 and "solver did not converge" in caplog.text
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
 def test_zero_gradient_task_is_left_out_of_the_aggregation():
@@ -261,12 +261,12 @@ def test_ddp_ranks_take_identical_decisions_and_end_with_identical_weights(tmp_p
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
     assert len(r0["jacobians"]) == len(r1["jacobians"]) > 0
-    for a, b in zip(r0["jacobians"], r1["jacobians"]):
+    for a, b in zip(r0["jacobians"], r1["jacobians"], strict=True):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())  # the same global Jacobian on both ranks
     for key in ("params", "buffers", "opt_state"):
         if key == "buffers":
             continue  # BatchNorm running stats are per-rank in plain DDP, as in Lightning
-        for a, b in zip(r0[key], r1[key]):
+        for a, b in zip(r0[key], r1[key], strict=True):
             assert torch.equal(a, b), key
     # the NaN on rank 1 was seen by both ranks (global Jacobian), so both skipped the same steps
     assert r0["skipped"] == r1["skipped"] >= 1
