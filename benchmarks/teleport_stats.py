@@ -56,17 +56,6 @@ class ConflictCounter(L.Callback):
         self.per_step.append(int((conflict_cosines(rec.jacobian) < 0).sum()))
 
 
-class _Force(L.Callback):
-    """Measurement aid: ask the teleport callback for a teleport every ``every`` steps."""
-
-    def __init__(self, tele: SymmetryTeleportCallback, every: int) -> None:
-        self.tele, self.every = tele, every
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        step = trainer.global_step
-        self.tele.force_next = step > 0 and step % self.every == 0
-
-
 def _mean(xs: list[float]) -> float:
     return statistics.fmean(xs) if xs else float("nan")
 
@@ -79,12 +68,12 @@ def run(dataset: str, rule: str, args: argparse.Namespace) -> dict[str, Any]:
     dm.setup("fit")
     mtl_cls, _ = module_classes(dm)  # the paper's dense data sets need their own module
     model = mtl_cls(make_model(dm), dm.task_specs, method=args.method, lr=args.lr)
+    # --force-every is the callback's own ``teleport_every`` (forced at steps with step % N == N // 2)
+    cost_kw = {"teleport_every": args.force_every, **args.cost_kw}
     tele = SymmetryTeleportCallback(trigger=rule, max_teleports_per_epoch=args.max_per_epoch,
-                                    min_steps_between=args.min_steps_between, seed=args.seed, **args.cost_kw)
+                                    min_steps_between=args.min_steps_between, seed=args.seed, **cost_kw)
     counter = ConflictCounter()
     callbacks: list[L.Callback] = [counter, tele]
-    if args.force_every:
-        callbacks.insert(0, _Force(tele, args.force_every))
     trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=callbacks)
