@@ -172,7 +172,7 @@ class _EpochRecorder(L.Callback):
         if rec is None or rec.jacobian is None or not rec.finite or rec.skipped:
             return  # loss weightings without a Jacobian: the ratio is not measured
         self.checked += 1
-        self.conflicting += int(self.trigger(rec.jacobian).fire)
+        self.conflicting += int(self.trigger(rec.jacobian, gramian=rec.gramian).fire)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Not ``on_validation_epoch_end``: callbacks run that hook *before* the module's, where the

@@ -30,7 +30,7 @@ import torch
 
 from benchmarks import make_datamodule, make_model, module_classes
 from lightning_cost import SymmetryTeleportCallback
-from lightning_cost.teleport.trigger import conflict_cosines
+from lightning_cost.teleport.trigger import conflict_cosines, conflict_cosines_from_gram
 
 __all__ = ["run", "main", "plot"]
 
@@ -53,7 +53,8 @@ class ConflictCounter(L.Callback):
         rec = getattr(pl_module, "mtl_step", None)
         if rec is None or rec.jacobian is None or rec.skipped or not rec.finite:
             return
-        self.per_step.append(int((conflict_cosines(rec.jacobian) < 0).sum()))
+        cos = conflict_cosines_from_gram(rec.gramian) if rec.gramian is not None else conflict_cosines(rec.jacobian)
+        self.per_step.append(int((cos < 0).sum()))
 
 
 def _mean(xs: list[float]) -> float:

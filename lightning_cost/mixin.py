@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from lightning_cost.aggregators import (
     AggregationError,
     Aggregator,
+    GramianAggregator,
     LossWeighting,
     aggregator_class,
     build_aggregator,
@@ -82,9 +83,7 @@ __all__ = ["MultiTaskMixin"]
 
 log = logging.getLogger(__name__)
 
-
-def _flat(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params, strict=True)])
+JACOBIAN_MODES = ("auto", "batched", "loop")
 
 
 class MultiTaskMixin:
@@ -126,6 +125,8 @@ class MultiTaskMixin:
         tasks: Sequence[str],
         shared: nn.Module | Iterable[nn.Parameter],
         method: str | Aggregator | LossWeighting = "ls",
+        *,
+        jacobian_mode: str = "auto",
         **hparams: Any,
     ) -> None:
         """Declare the tasks, the shared parameters and the multi-task method.
@@ -135,6 +136,13 @@ class MultiTaskMixin:
             shared: the shared module (all its parameters) or an iterable of shared parameters.
                 They must be parameters of this module.
             method: a registry name (``lightning_cost.aggregators.AVAILABLE``) or a method instance.
+            jacobian_mode: how the K per-task gradients are computed when a Jacobian is needed.
+                ``"loop"``: K vector-Jacobian products over one graph. ``"batched"``: one VJP with
+                K one-hot cotangents (``is_grads_batched``, vectorised by ``vmap``): the same
+                numbers, faster where the backward is made of many small ops (small models, many
+                tasks), at the price of K x the backward's intermediate memory. ``"auto"``
+                (default): batched, falling back to the loop for the rest of training if an op
+                has no batching rule. ``benchmarks/perf/bench.py`` measures both.
             **hparams: hyper-parameters for the method when ``method`` is a name.
         """
         if not isinstance(self, nn.Module):
@@ -159,6 +167,10 @@ class MultiTaskMixin:
             raise ValueError("hyper-parameters can only be given with a method name")
         if not isinstance(method, (Aggregator, LossWeighting)):
             raise TypeError(f"method must be an Aggregator or a LossWeighting, got {type(method).__name__}")
+        if jacobian_mode not in JACOBIAN_MODES:
+            raise ValueError(f"jacobian_mode must be one of {JACOBIAN_MODES}, got {jacobian_mode!r}")
+        self.mtl_jacobian_mode = jacobian_mode
+        self._mtl_batched_ok: bool | None = None  # None: untried; False: the loop is used from now on
         self.task_names: list[str] = tasks
         self._mtl_shared_names: list[str] = names
         self.mtl_method = method  # a submodule: its state is checkpointed, UW's parameters are trained
@@ -291,28 +303,15 @@ class MultiTaskMixin:
     def _mtl_rep_jacobian(self, losses: Tensor, reps: Sequence[Tensor]) -> Tensor:
         """``[K, B, D]`` gradients of the K losses w.r.t. the representation (graph kept for the backward).
 
-        One batched VJP (``is_grads_batched``, K one-hot cotangents) where autograd can vectorise the
-        heads' backward (measured 3x cheaper than K calls on Yeast, K = 14), else K calls.
+        Through the heads only, with :meth:`_mtl_vjps` (one batched VJP by default: measured 3x
+        cheaper than K calls on Yeast, K = 14).
         """
         scaler = self._mtl_scaler()
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
         k = losses.shape[0]
-        scaled = losses * scale if scale != 1.0 else losses
-        if getattr(self, "_mtl_rep_batched", True):
-            try:
-                eye = torch.eye(k, dtype=scaled.dtype, device=scaled.device)
-                grads = torch.autograd.grad(scaled, list(reps), grad_outputs=eye, is_grads_batched=True,
-                                            retain_graph=True, allow_unused=True)
-                return torch.stack([self._mtl_rep_rows([g[i] if g is not None else None for g in grads], reps, scale)
-                                    for i in range(k)])
-            except RuntimeError as err:  # an op without a batching rule: fall back to the loop for good
-                log.debug("lightning_cost: batched representation gradients failed (%s); using K passes", err)
-                self._mtl_rep_batched = False
-        return torch.stack([
-            self._mtl_rep_rows(torch.autograd.grad(scaled[i], list(reps), retain_graph=True, allow_unused=True),
-                               reps, scale)
-            for i in range(k)
-        ])
+        grads = self._mtl_vjps(losses * scale if scale != 1.0 else losses, reps, retain=True)
+        return torch.stack([self._mtl_rep_rows([g[i] if g is not None else None for g in grads], reps, scale)
+                            for i in range(k)])
 
     @staticmethod
     def _mtl_rep_rows(grads: Sequence[Tensor | None], reps: Sequence[Tensor], scale: float) -> Tensor:
@@ -378,28 +377,24 @@ class MultiTaskMixin:
         inputs = shared_trainable + others + list(reps)  # representation gradients come out of the same VJPs
         n_shared, n_others = len(shared_trainable), len(others)
         k = losses.shape[0]
-        rows: list[Tensor] = []
-        rep_rows: list[Tensor] = []
-        other_grads: list[list[Tensor | None]] = []
-        for i in range(k):
-            grads = torch.autograd.grad(
-                losses[i] * scale if scale != 1.0 else losses[i],
-                inputs,
-                retain_graph=i < k - 1,
-                allow_unused=True,
-            )
-            rows.append(_flat(grads[:n_shared], shared_trainable))
-            other_grads.append(list(grads[n_shared : n_shared + n_others]))
-            if reps:
-                rep_rows.append(self._mtl_rep_rows(grads[n_shared + n_others :], reps, scale))
-        jacobian = torch.stack(rows)
+        scaled = losses * scale if scale != 1.0 else losses
+        grads = self._mtl_vjps(scaled, inputs)  # per input: [K, *shape] or None (no task reaches it)
+        jacobian = torch.cat([(g if g is not None else torch.zeros((k, p.numel()), dtype=p.dtype, device=p.device))
+                              .reshape(k, -1) for g, p in zip(grads[:n_shared], shared_trainable, strict=True)], dim=1)
+        other_grads = grads[n_shared : n_shared + n_others]
+        rep_rows = [self._mtl_rep_rows([g[i] if g is not None else None for g in grads[n_shared + n_others :]],
+                                       reps, scale) for i in range(k)] if reps else []
         if scale != 1.0:
             jacobian.div_(scale)
         all_reduce_mean_(jacobian)
         global_losses = all_reduce_mean(losses.detach())
-        record = StepRecord(losses=global_losses, jacobian=jacobian,
+        # One K x K x P product serves the finiteness check, the zero-row check, the Gramian
+        # aggregators and the conflict trigger: no separate pass over the K x P Jacobian.
+        j32 = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
+        gramian = j32 @ j32.T
+        record = StepRecord(losses=global_losses, jacobian=jacobian, gramian=gramian,
                             representation_jacobian=torch.stack(rep_rows) if rep_rows else None)
-        record.finite = bool(torch.isfinite(jacobian).all() and torch.isfinite(global_losses).all())
+        record.finite = _jacobian_is_finite(jacobian, gramian) and bool(torch.isfinite(global_losses).all())
 
         coeffs: Tensor
         if not record.finite:
@@ -417,14 +412,14 @@ class MultiTaskMixin:
         else:
             coeffs = torch.ones(k, device=jacobian.device, dtype=jacobian.dtype)
             try:
-                direction = self._mtl_aggregate(jacobian)
+                direction = self._mtl_aggregate(jacobian, gramian)
             except AggregationError as err:
                 self._mtl_skip(record, f"{type(self.mtl_method).__name__} failed: {err}")
                 return self._mtl_surrogate(shared_trainable, torch.zeros_like(jacobian[0]), others, None)
         record.direction = direction
         self.mtl_step = record
 
-        other_total = [self._mtl_combine([g[j] for g in other_grads], coeffs, scale) for j in range(len(others))]
+        other_total = [self._mtl_combine(g, coeffs, scale) for g in other_grads]
         surrogate = self._mtl_surrogate(shared_trainable, direction, others, other_total)
         display = (coeffs * losses.detach()).sum()
         if isinstance(self.mtl_method, LossWeighting) and any(q.requires_grad for q in self.mtl_method.parameters()):
@@ -434,13 +429,45 @@ class MultiTaskMixin:
         return surrogate + (display - surrogate).detach()
 
     @staticmethod
-    def _mtl_combine(grads: Sequence[Tensor | None], coeffs: Tensor, scale: float) -> Tensor | None:
-        """``sum_k c_k g_k / scale`` over the tasks that reach this parameter (``None`` if none does)."""
-        total: Tensor | None = None
-        for c, g in zip(coeffs, grads, strict=True):
-            if g is not None:
-                total = g * c if total is None else total + g * c
-        return total / scale if total is not None and scale != 1.0 else total
+    def _mtl_combine(grads: Tensor | None, coeffs: Tensor, scale: float) -> Tensor | None:
+        """``sum_k c_k g_k / scale`` from the ``[K, *shape]`` per-task gradients (``None``: no task reaches it)."""
+        if grads is None:
+            return None
+        total = torch.tensordot(coeffs.to(grads.dtype), grads, dims=1)
+        return total / scale if scale != 1.0 else total
+
+    def _mtl_vjps(self, scaled: Tensor, inputs: Sequence[Tensor], retain: bool = False) -> list[Tensor | None]:
+        """The gradients of each of the K ``scaled`` losses w.r.t. ``inputs``, stacked as ``[K, *shape]``.
+
+        One batched VJP (K one-hot cotangents, ``is_grads_batched``) or K VJPs over one graph,
+        following ``mtl_jacobian_mode``. ``None`` for an input that no task reaches; a task that
+        does not reach an input others reach gets a zero row, as ``allow_unused`` gives zeros.
+        ``retain`` keeps the graph for a later backward.
+        """
+        k = scaled.shape[0]
+        mode = getattr(self, "mtl_jacobian_mode", "auto")
+        if mode == "batched" or (mode == "auto" and self._mtl_batched_ok is not False):
+            eye = torch.eye(k, dtype=scaled.dtype, device=scaled.device)
+            try:  # the first try keeps the graph, so that the loop can still run if it fails
+                out = torch.autograd.grad(scaled, list(inputs), grad_outputs=eye, is_grads_batched=True,
+                                          retain_graph=retain or not self._mtl_batched_ok, allow_unused=True)
+                self._mtl_batched_ok = True
+                return list(out)
+            except RuntimeError as err:
+                if mode == "batched" or self._mtl_batched_ok:
+                    raise
+                log.warning("lightning_cost: the batched per-task VJP failed (%s); using K VJPs from now on", err)
+                self._mtl_batched_ok = False
+        per_task = [torch.autograd.grad(scaled[i], list(inputs), retain_graph=retain or i < k - 1, allow_unused=True)
+                    for i in range(k)]
+        stacked: list[Tensor | None] = []
+        for j, x in enumerate(inputs):
+            col = [g[j] for g in per_task]
+            if all(g is None for g in col):
+                stacked.append(None)
+            else:
+                stacked.append(torch.stack([g if g is not None else torch.zeros_like(x) for g in col]))
+        return stacked
 
     @staticmethod
     def _mtl_surrogate(
@@ -467,17 +494,35 @@ class MultiTaskMixin:
                     terms.append(torch.dot(p.float().reshape(-1), g.detach().float().reshape(-1)))
             return torch.stack(terms).sum()
 
-    def _mtl_aggregate(self, jacobian: Tensor) -> Tensor:
-        """Aggregate, leaving out tasks whose shared gradient is exactly zero (they have no direction)."""
-        nonzero = jacobian.abs().amax(dim=1) > 0
-        n = int(nonzero.sum())
+    def _mtl_aggregate(self, jacobian: Tensor, gramian: Tensor) -> Tensor:
+        """Aggregate, leaving out tasks whose shared gradient is exactly zero (they have no direction).
+
+        ``G_ii = ||g_i||^2`` finds the zero rows without reading ``J``; a row whose squares
+        underflowed to 0 is told apart by reading that row only.
+        """
+        zero_diag = (gramian.diagonal() == 0).tolist()
+        nonzero = [not z or bool(jacobian[i].abs().amax() > 0) for i, z in enumerate(zero_diag)]
+        n = sum(nonzero)
+        takes_gramian = isinstance(self.mtl_method, GramianAggregator)
         if n == jacobian.shape[0]:
-            return self.mtl_method.aggregate(jacobian)
+            return self.mtl_method.aggregate(jacobian, gramian) if takes_gramian else self.mtl_method.aggregate(jacobian)
         if n == 0:
             return torch.zeros_like(jacobian[0])
-        zero_tasks = [t for t, nz in zip(self.task_names, nonzero.tolist(), strict=True) if not nz]
+        zero_tasks = [t for t, nz in zip(self.task_names, nonzero, strict=True) if not nz]
         log.debug("lightning_cost: tasks %s have a zero shared gradient this step; aggregating the rest", zero_tasks)
+        keep = torch.tensor([i for i, nz in enumerate(nonzero) if nz], device=jacobian.device)
         if n == 1:
-            return jacobian[nonzero][0]
-        return self.mtl_method.aggregate(jacobian[nonzero])
+            return jacobian[keep[0]].clone()
+        sub = jacobian.index_select(0, keep)
+        if takes_gramian:
+            return self.mtl_method.aggregate(sub, gramian.index_select(0, keep).index_select(1, keep))
+        return self.mtl_method.aggregate(sub)
 
+
+def _jacobian_is_finite(jacobian: Tensor, gramian: Tensor) -> bool:
+    """``J`` is finite iff ``G = J J^T`` is, except where a finite ``J``'s products overflowed.
+
+    A NaN or infinity in row ``i`` makes ``G_ii`` (a sum of squares) NaN or infinite, so a finite
+    ``G`` proves a finite ``J``; only a non-finite ``G`` (rare) costs a pass over ``J``.
+    """
+    return bool(torch.isfinite(gramian).all()) or bool(torch.isfinite(jacobian).all())

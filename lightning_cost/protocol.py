@@ -39,6 +39,9 @@ class StepRecord:
             ``request_representation_jacobian``, see below). Unscaled and detached, but **local**
             to the rank: its rows are samples, which cannot be averaged over ranks (reduce a
             statistic of it, e.g. its ``K x K`` Gram matrix, instead).
+        gramian: ``[K, K]`` Gramian ``J J^T`` of ``jacobian`` (at least float32), or ``None``.
+            The core computes it once per step; the Gramian aggregators and the conflict trigger
+            read it instead of forming it again.
     """
 
     losses: Tensor
@@ -48,6 +51,7 @@ class StepRecord:
     skipped: bool = False
     extras: dict[str, Any] = field(default_factory=dict)
     representation_jacobian: Tensor | None = None
+    gramian: Tensor | None = None
 
 
 @runtime_checkable

@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
 from mtl_models import TinyMTL, loader, regression_data, trainer
 
@@ -78,9 +79,10 @@ def flat_shared(model, grads):
     return torch.cat([grads[n].reshape(-1) for n in names])
 
 
-def test_jacobian_is_exact_and_update_is_the_aggregate():
+@pytest.mark.parametrize("mode", ["auto", "batched", "loop"])
+def test_jacobian_is_exact_and_update_is_the_aggregate(mode):
     L.seed_everything(0)
-    model = TinyMTL(k=3, method=FirstTask(), batchnorm=False)
+    model = TinyMTL(k=3, method=FirstTask(), batchnorm=False, jacobian_mode=mode)
     start = copy.deepcopy(model)
     grab = run(model)
     rec = model.mtl_step
@@ -93,6 +95,74 @@ def test_jacobian_is_exact_and_update_is_the_aggregate():
     torch.testing.assert_close(flat_shared(model, got), expected_j[0], rtol=1e-5, atol=1e-6)
     for i in range(3):
         torch.testing.assert_close(got[f"heads.{i}.weight"], task_grads[i][f"heads.{i}.weight"])
+
+
+class WithUnused(TinyMTL):
+    """A parameter no task reaches, and a head read by two tasks (partial rows)."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.unused = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        z = self.trunk(x)
+        out = {f"t{i}": F.mse_loss(h(z).squeeze(-1), y[:, i]) for i, h in enumerate(self.heads)}
+        out["t1"] = out["t1"] + 0.1 * self.heads[0](z).pow(2).mean()
+        return out
+
+
+@pytest.mark.parametrize("batchnorm", [False, True])
+def test_batched_and_loop_jacobians_give_the_same_step(batchnorm):
+    """One VJP with K one-hot cotangents is the K VJPs, vectorised: same J, same gradients, same None."""
+    L.seed_everything(0)
+    ref = WithUnused(k=3, method="mgda", batchnorm=batchnorm, jacobian_mode="loop")
+    got = {}
+    for mode in ("loop", "batched"):
+        model = copy.deepcopy(ref)
+        model.mtl_jacobian_mode = mode
+        grab = run(model, steps=2)
+        got[mode] = (model.mtl_step.jacobian, grab.grads, model.state_dict())
+    torch.testing.assert_close(got["batched"][0], got["loop"][0], rtol=1e-5, atol=1e-7)
+    for gb, gl in zip(got["batched"][1], got["loop"][1], strict=True):
+        assert gb["unused.weight"] is None and gl["unused.weight"] is None
+        for n in gl:
+            if gl[n] is not None:
+                torch.testing.assert_close(gb[n], gl[n], rtol=1e-5, atol=1e-7)
+    for n, v in got["loop"][2].items():
+        torch.testing.assert_close(got["batched"][2][n], v, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_jacobian_falls_back_to_the_loop_once_and_for_good(monkeypatch, caplog):
+    """An op without a batching rule: "auto" warns once, computes this step with K VJPs, and stays there."""
+    L.seed_everything(0)
+    ref = TinyMTL(k=3, method=FirstTask(), batchnorm=False, jacobian_mode="loop")
+    model = copy.deepcopy(ref)
+    model.mtl_jacobian_mode = "auto"
+    real_grad, batched_calls = torch.autograd.grad, []
+
+    def no_batching_rule(*args, **kwargs):
+        if kwargs.get("is_grads_batched"):
+            batched_calls.append(kwargs.get("retain_graph"))
+            raise RuntimeError("Batching rule not implemented for aten::fake_op")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    with caplog.at_level(logging.WARNING, logger="lightning_cost.mixin"):
+        g_auto = run(model, steps=3).grads
+    monkeypatch.setattr(torch.autograd, "grad", real_grad)
+    g_loop = run(ref, steps=3).grads
+    assert batched_calls == [True]  # tried once, with the graph kept for the loop
+    assert sum("batched per-task VJP failed" in r.message for r in caplog.records) == 1
+    assert model._mtl_batched_ok is False
+    for a, b in zip(g_auto, g_loop, strict=True):
+        for n in b:
+            torch.testing.assert_close(a[n], b[n])
+    strict = copy.deepcopy(ref)
+    strict.mtl_jacobian_mode = "batched"
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    with pytest.raises(RuntimeError, match="Batching rule"):  # "batched" asked for it: no silent fallback
+        run(strict, steps=1)
 
 
 def test_loss_weighting_pays_no_jacobian_and_matches_the_jacobian_path():
@@ -160,8 +230,16 @@ def test_aggregation_error_skips_the_step(caplog):
 def test_zero_gradient_task_is_left_out_of_the_aggregation():
     model = TinyMTL(k=3, method=NormalizedMean(), batchnorm=False)
     j = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
-    torch.testing.assert_close(model._mtl_aggregate(j), NormalizedMean().aggregate(j[[0, 2]]))
-    torch.testing.assert_close(model._mtl_aggregate(torch.zeros(3, 2)), torch.zeros(2))
+    torch.testing.assert_close(model._mtl_aggregate(j, j @ j.T), NormalizedMean().aggregate(j[[0, 2]]))
+    torch.testing.assert_close(model._mtl_aggregate(torch.zeros(3, 2), torch.zeros(3, 3)), torch.zeros(2))
+    # a row so small that its squares underflow (G_ii == 0 in float32) is not a zero row
+    tiny = TinyMTL(k=3, method=FirstTask(), batchnorm=False)
+    j = torch.tensor([[1e-30, 0.0], [0.0, 0.0], [0.0, 2.0]])
+    assert (j @ j.T)[0, 0] == 0
+    torch.testing.assert_close(tiny._mtl_aggregate(j, j @ j.T), j[0])
+    tiny.mtl_method = FirstTask()
+    j = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # one task left: its gradient, whatever the method
+    torch.testing.assert_close(tiny._mtl_aggregate(j, j @ j.T), j[2])
 
 
 class BadReturn(TinyMTL):
@@ -204,6 +282,8 @@ def test_configuration_errors():
         TinyMTL(k=1)
     with pytest.raises(KeyError, match="unknown multi-task method"):
         TinyMTL(k=2, method="nope")
+    with pytest.raises(ValueError, match="jacobian_mode must be one of"):
+        TinyMTL(k=2, method="mgda", jacobian_mode="vmap")
     model = TinyMTL(k=2)
     with pytest.raises(ValueError, match="parameter of this module"):
         model.configure_multitask(["a", "b"], shared=[torch.nn.Parameter(torch.zeros(2))])

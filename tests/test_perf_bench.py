@@ -37,8 +37,11 @@ def _check(res: dict, out_dir) -> None:
         assert r["step_ms"] > 0 and r["skipped_steps"] == 0, m
         assert math.isfinite(r["peak_rss_delta_mb"])
     for r in on_disk["pertask"]:
-        for k in ("mixin_ms", "k_plain_ms", "k_retain_ms", "sum_backward_ms", "forward_ms"):
+        for k in ("mixin_ms", "k_plain_ms", "k_retain_ms", "sum_backward_ms", "forward_ms", "mixin_loop_ms",
+                  "mixin_batched_ms"):
             assert r[k] > 0
+        assert math.isfinite(r["mixin_loop_peak_mb"]) and math.isfinite(r["mixin_batched_peak_mb"])
+    assert {r["setup"] for r in on_disk["pertask"]} >= {"lenet_K2", "tox21mlp_K12"}
         assert isinstance(r["pass"], bool)
     solved = [r for r in on_disk["solve"] if "solve_ms" in r]
     assert not [r for r in on_disk["solve"] if "error" in r]

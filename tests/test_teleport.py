@@ -25,6 +25,7 @@ from lightning_cost.teleport import (
     apply_htr,
     balance_ratios,
     conflict_cosines,
+    conflict_cosines_from_gram,
     htr_sigma,
     loss_invariance,
     sample_sphere,
@@ -409,7 +410,7 @@ def test_warmup_and_spacing_limit_teleports():
                                     inner_steps=1, num_perturbations=1, loss_tolerance=10.0)
 
     class Always(ConflictTrigger):  # every step "conflicts"
-        def __call__(self, jacobian):
+        def __call__(self, jacobian, gramian=None):
             return TriggerResult(fire=True, num_conflicting=1, cosines=torch.zeros(jacobian.shape[0]))
 
     tele.trigger = Always()
@@ -620,22 +621,22 @@ def test_callback_batched_perturbations_give_the_same_teleport():
 def test_the_trigger_reuses_the_aggregators_jacobian():
     """Lever (c): with a gradient aggregator, COST's trigger costs no extra per-task backward pass.
 
-    The trigger reads the very tensor the aggregator got (``mtl_step.jacobian``), and a step does K
-    vector-Jacobian products with or without the callback.
+    The trigger reads the very Gramian the aggregator got (``mtl_step.gramian``), and a step does one
+    batched vector-Jacobian product with or without the callback.
     """
     from lightning_cost.aggregators import build_aggregator
 
     seen: dict[str, list] = {"agg": [], "trig": [], "grad_calls": []}
 
     class SpyAgg(type(build_aggregator("mgda"))):
-        def aggregate(self, jacobian):
-            seen["agg"].append(jacobian)
-            return super().aggregate(jacobian)
+        def aggregate(self, jacobian, gramian=None):
+            seen["agg"].append(gramian)
+            return super().aggregate(jacobian, gramian)
 
     class SpyTrigger(ConflictTrigger):
-        def __call__(self, jacobian):
-            seen["trig"].append(jacobian)
-            return super().__call__(jacobian)
+        def __call__(self, jacobian, gramian=None):
+            seen["trig"].append(gramian)
+            return super().__call__(jacobian, gramian)
 
     real_grad = torch.autograd.grad
 
@@ -659,9 +660,13 @@ def test_the_trigger_reuses_the_aggregators_jacobian():
         finally:
             torch.autograd.grad = real_grad
         calls[with_cost] = len(seen["grad_calls"])
-    assert calls[True] == calls[False] == 4 * 3  # K VJPs per step, none added by the trigger
+    assert calls[True] == calls[False] == 4  # one batched VJP (K cotangents) per step, none added by the trigger
     assert len(seen["trig"]) == 4
     assert all(t is a for t, a in zip(seen["trig"], seen["agg"][-4:], strict=True))
+    rec = model.mtl_step  # the shared Gramian is J J^T, and the decision from it is the one from J (eq. 3)
+    torch.testing.assert_close(rec.gramian, rec.jacobian @ rec.jacobian.T)
+    torch.testing.assert_close(conflict_cosines_from_gram(rec.gramian), conflict_cosines(rec.jacobian),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_teleport_every_forces_evenly_spaced_teleports():
@@ -679,7 +684,7 @@ def test_teleport_every_forces_evenly_spaced_teleports():
 
 
 def test_gram_cosines_equal_the_jacobian_cosines():
-    from lightning_cost.teleport.trigger import conflict_cosines_from_gram, representation_gram
+    from lightning_cost.teleport.trigger import representation_gram
 
     torch.manual_seed(0)
     for k in (2, 3, 14):
@@ -712,7 +717,7 @@ def test_representation_jacobian_is_the_gradient_wrt_the_trunk_output(method):
         (g,) = torch.autograd.grad(loss, z)
         torch.testing.assert_close(rj[i], g, rtol=1e-5, atol=1e-7)
     if method == "ls":  # the K-pass fallback of the batched VJP gives the same rows
-        model._mtl_rep_batched = False
+        model.mtl_jacobian_mode = "loop"
         model.training_step((x, y), 0)
         torch.testing.assert_close(model.mtl_step.representation_jacobian, rj, rtol=1e-6, atol=1e-8)
     model.request_representation_jacobian(False)

@@ -114,11 +114,16 @@ class GramianAggregator(Aggregator):
     def weights(self, gramian: Tensor) -> Tensor:
         """Return the ``K`` task weights from the ``K x K`` Gramian ``G = J J^T``."""
 
-    def aggregate(self, jacobian: Tensor) -> Tensor:
+    def aggregate(self, jacobian: Tensor, gramian: Tensor | None = None) -> Tensor:
+        """``J^T weights(G)``. ``gramian``, if given, must be ``J J^T`` (at least float32): the
+        multi-task core passes the one it already computed, saving a ``K x K x P`` product."""
         check_jacobian_shape(jacobian)
         # at least float32 for the K x K Gramian: half-precision inner products lose the solve
         j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
-        gramian = j @ j.T
+        if gramian is None:
+            gramian = j @ j.T
+        elif gramian.shape != (j.shape[0], j.shape[0]):
+            raise ValueError(f"gramian must have shape {(j.shape[0], j.shape[0])}, got {tuple(gramian.shape)}")
         if not self.validates_gramian and not bool(torch.isfinite(gramian).all()):
             check_jacobian(jacobian)  # raises for a non-finite J; a finite J whose G overflowed goes on
         try:

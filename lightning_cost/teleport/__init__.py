@@ -4,7 +4,12 @@ from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
-from lightning_cost.teleport.trigger import ConflictTrigger, TriggerResult, conflict_cosines
+from lightning_cost.teleport.trigger import (
+    ConflictTrigger,
+    TriggerResult,
+    conflict_cosines,
+    conflict_cosines_from_gram,
+)
 
 __all__ = [
     "ConflictTrigger",
@@ -14,6 +19,7 @@ __all__ = [
     "apply_htr",
     "balance_ratios",
     "conflict_cosines",
+    "conflict_cosines_from_gram",
     "htr_sigma",
     "loss_invariance",
     "sample_sphere",

@@ -37,8 +37,9 @@ class SymmetryTeleportCallback(L.Callback):
     least ``ceil(K/2)`` (``trigger="authors"``: any task with ``cos <= 0``). Under gradient
     accumulation only the micro-batch that steps is checked; steps with non-finite gradients are
     never checked; every DDP rank sees the same global Jacobian and decides the same. With a
-    gradient aggregator (FairGrad, MGDA, ...) the trigger reads the Jacobian the aggregator already
-    computed (``mtl_step.jacobian``, the same tensor): it adds K cosines, no backward pass.
+    gradient aggregator (FairGrad, MGDA, ...) the trigger reads the Gramian ``J J^T`` the core
+    already computed for the aggregator (``mtl_step.gramian``, the same tensor): it adds K cosines
+    from a ``K x K`` matrix, no backward pass and no pass over ``J``.
 
     **Representation trigger** (``trigger_on="representation"``, optional, approximate): the same
     rule on the per-task gradients w.r.t. the shared *representation* (the trunk's output
@@ -315,8 +316,8 @@ class SymmetryTeleportCallback(L.Callback):
             result = self.trigger.from_gram(self._representation_gram(record.representation_jacobian))
         elif record.jacobian is None:
             return
-        else:
-            result = self.trigger(record.jacobian)
+        else:  # with the core's J J^T: K x K work, no pass over J
+            result = self.trigger(record.jacobian, gramian=record.gramian)
         self._epoch["checked"] += 1
         self._epoch["conflicting"] += int(result.fire)
         if (result.fire or self.force_next) and self._allowed(trainer):

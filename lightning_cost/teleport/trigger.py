@@ -90,7 +90,14 @@ class ConflictTrigger:
     def threshold(k: int) -> int:
         return math.ceil(k / 2)
 
-    def __call__(self, jacobian: Tensor) -> TriggerResult:
+    def __call__(self, jacobian: Tensor, gramian: Tensor | None = None) -> TriggerResult:
+        """Decide from the ``K x P`` Jacobian, or from ``gramian`` (``J J^T``) when it is given.
+
+        The multi-task core computes ``J J^T`` once per step and the callback passes it here, so the
+        cosines cost ``K x K`` work instead of a pass over ``J``.
+        """
+        if gramian is not None:
+            return self.from_gram(gramian)
         return self.decide(conflict_cosines(jacobian))
 
     def from_gram(self, gram: Tensor) -> TriggerResult:
