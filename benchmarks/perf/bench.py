@@ -52,10 +52,10 @@ TARGET_SOLVE_PCT = 5.0  # aggregator solve <= 5% of a step for K <= 10
 def make_config(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(quick=True, lenet_steps=4, lenet_warmup=1, resnet=False, resnet_ks=(), resnet_steps=0,
-                    resnet_warmup=0, grad_reps=2, lenet_ks=(2, 10), solve_reps=3, synth_k=40,
+                    resnet_warmup=0, grad_reps=2, lenet_ks=(2, 10), mlp_ks=(12,), solve_reps=3, synth_k=40,
                     teleports=1, trigger_p=200_000, trigger_ks=(2, 3, 5, 10, 20, 40), trigger_reps=3)
     return dict(quick=False, lenet_steps=20, lenet_warmup=3, resnet=True, resnet_ks=(2, 3, 10), resnet_steps=4,
-                resnet_warmup=1, grad_reps=3, lenet_ks=(2, 3, 10), solve_reps=3, synth_k=40,
+                resnet_warmup=1, grad_reps=3, lenet_ks=(2, 3, 10), mlp_ks=(12,), solve_reps=3, synth_k=40,
                 teleports=5, trigger_p=None, trigger_ks=(2, 3, 5, 10, 20, 40), trigger_reps=3)
 
 
@@ -160,6 +160,13 @@ def lenet_parts(k: int) -> tuple[nn.Module, nn.ModuleList]:
     return net.trunk, nn.ModuleList(list(net.heads.values()))
 
 
+def tox21_mlp_parts(k: int) -> tuple[nn.Module, nn.ModuleList]:
+    """The Tox21/QM8 tables' model: ECFP4 (2048 bits) -> 512 -> 256 MLP trunk, one head per task."""
+    from benchmarks.models import mlp
+
+    return mlp(2048, (512, 256), batchnorm=True, dropout=0.1), nn.ModuleList([nn.Linear(256, 2) for _ in range(k)])
+
+
 def resnet_parts(k: int) -> tuple[nn.Module, nn.ModuleList]:
     from torchvision.models import resnet18
 
@@ -196,6 +203,10 @@ def dataset(kind: str, k: int, batches: int) -> tuple[TensorDataset, int]:
         if k != 2:
             y = torch.randint(0, 10, (len(x), k), generator=g)
         return TensorDataset(x, y), bs
+    if kind == "tox21mlp":  # fingerprint-shaped bits, random labels: only the shapes matter for timing
+        bs = 128
+        x = torch.randint(0, 2, (bs * batches, 2048), generator=g).float()
+        return TensorDataset(x, torch.randint(0, 2, (bs * batches, k), generator=g)), bs
     bs = 8
     x = torch.randn(bs * batches, 3, 64, 64, generator=g)
     return TensorDataset(x, torch.randint(0, 10, (bs * batches, k), generator=g)), bs
@@ -203,7 +214,8 @@ def dataset(kind: str, k: int, batches: int) -> tuple[TensorDataset, int]:
 
 def build(kind: str, k: int, method: str = "ls") -> BenchMTL:
     torch.manual_seed(0)
-    trunk, heads = lenet_parts(k) if kind == "lenet" else resnet_parts(k)
+    parts = {"lenet": lenet_parts, "tox21mlp": tox21_mlp_parts, "resnet18": resnet_parts}[kind]
+    trunk, heads = parts(k)
     return BenchMTL(trunk, heads, method)
 
 
@@ -282,9 +294,18 @@ def bench_pertask(kind: str, k: int, reps: int) -> tuple[dict[str, float], Tenso
     model.request_jacobian(True)
     model.train()
 
-    def mixin() -> None:  # the mixin's own path: forward, K VJPs over one graph, surrogate backward
+    def mixin() -> None:  # the mixin's own path (default jacobian_mode): forward, per-task VJPs, surrogate backward
         model.zero_grad(set_to_none=True)
         model.training_step(batch, 0).backward()
+
+    def in_mode(mode: str) -> Callable[[], None]:
+        def fn() -> None:
+            model.mtl_jacobian_mode = mode
+            try:
+                mixin()
+            finally:
+                model.mtl_jacobian_mode = "auto"
+        return fn
 
     def k_plain() -> None:  # K backward passes, each re-running the forward
         for i in range(k):
@@ -310,14 +331,20 @@ def bench_pertask(kind: str, k: int, reps: int) -> tuple[dict[str, float], Tenso
     with _quiet():
         r = {name: timeit(fn, reps) for name, fn in
              [("mixin_ms", mixin), ("k_plain_ms", k_plain), ("k_retain_ms", k_retain), ("sum_backward_ms", summed),
-              ("forward_ms", forward)]}
+              ("forward_ms", forward), ("mixin_loop_ms", in_mode("loop")), ("mixin_batched_ms", in_mode("batched"))]}
+        for mode in ("loop", "batched"):  # peak memory of one step in each jacobian_mode
+            _malloc_trim()
+            with RssPeak() as mem:
+                in_mode(mode)()
+            r[f"mixin_{mode}_peak_mb"] = mem.peak_delta / 2**20
         model.zero_grad(set_to_none=True)
         model.training_step(batch, 0)
     jac = model.mtl_step.jacobian.detach().clone()
     losses = model.mtl_step.losses.detach().clone()
     r.update(P=int(jac.shape[1]), ratio_mixin_vs_k_plain=_ratio(r["mixin_ms"], r["k_plain_ms"]),
              ratio_mixin_vs_k_retain=_ratio(r["mixin_ms"], r["k_retain_ms"]),
-             ratio_mixin_vs_sum_backward=_ratio(r["mixin_ms"], r["sum_backward_ms"]))
+             ratio_mixin_vs_sum_backward=_ratio(r["mixin_ms"], r["sum_backward_ms"]),
+             ratio_batched_vs_loop=_ratio(r["mixin_batched_ms"], r["mixin_loop_ms"]))
     r["pass"] = bool(r["ratio_mixin_vs_k_plain"] <= TARGET_PERTASK)
     return r, jac, losses
 
@@ -572,6 +599,11 @@ def render(res: dict[str, Any]) -> str:
                        "(each re-running the forward)",
                        ["setup", "P", "fwd", "sum bwd", "K plain", "K retain", "mixin", "/K plain", "/K retain",
                         "/sum bwd", "target", "miss by"], rows))
+    rows = [[r["setup"], r.get("mixin_loop_ms"), r.get("mixin_batched_ms"), r.get("ratio_batched_vs_loop"),
+             r.get("mixin_loop_peak_mb"), r.get("mixin_batched_peak_mb")] for r in res["pertask"]]
+    parts.append(table("2b. jacobian_mode: K VJPs ('loop') vs one VJP with K cotangents ('batched', the default "
+                       "'auto'); mixin step ms and peak RSS MB of one step",
+                       ["setup", "loop ms", "batched ms", "batched/loop", "loop MB", "batched MB"], rows))
     rows = []
     for r in res["solve"]:
         if "error" in r:
@@ -636,7 +668,8 @@ def run(quick: bool = False, out_dir: str | Path = "results/perf", log: Callable
     res["methods"] = bench_methods(cfg, log)
     log("2. per-task gradients ...")
     pertask, jacs = [], {}
-    setups = [("lenet", k) for k in cfg["lenet_ks"]] + [("resnet18", k) for k in cfg["resnet_ks"]]
+    setups = ([("lenet", k) for k in cfg["lenet_ks"]] + [("tox21mlp", k) for k in cfg["mlp_ks"]]
+              + [("resnet18", k) for k in cfg["resnet_ks"]])
     for kind, k in setups:
         r, jac, losses = bench_pertask(kind, k, cfg["grad_reps"])
         key = f"{kind}_K{k}"
