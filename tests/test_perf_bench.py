@@ -41,8 +41,8 @@ def _check(res: dict, out_dir) -> None:
                   "mixin_batched_ms"):
             assert r[k] > 0
         assert math.isfinite(r["mixin_loop_peak_mb"]) and math.isfinite(r["mixin_batched_peak_mb"])
-    assert {r["setup"] for r in on_disk["pertask"]} >= {"lenet_K2", "tox21mlp_K12"}
         assert isinstance(r["pass"], bool)
+    assert {r["setup"] for r in on_disk["pertask"]} >= {"lenet_K2", "tox21mlp_K12"}
     solved = [r for r in on_disk["solve"] if "solve_ms" in r]
     assert not [r for r in on_disk["solve"] if "error" in r]
     assert {r["method"] for r in solved} == set(AVAILABLE)
