@@ -490,6 +490,26 @@ def test_ddp_teleport_leaves_identical_weights_on_both_ranks(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.ddp
+def test_ddp_representation_trigger_decides_on_the_global_gram_on_every_rank(tmp_path):
+    """Each rank has its own samples (its rows of dL_i/dz); the K x K Gram is averaged, so both ranks
+    fire on the same steps, teleport together and end with identical weights."""
+    script = Path(__file__).parent / "scripts" / "ddp_run.py"
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "representation"], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=False) for i in range(2))
+    assert not torch.equal(r0["local_rep_jacobian"], r1["local_rep_jacobian"])  # different local samples
+    assert len(r0["decisions"]) == len(r1["decisions"]) >= 8
+    for (g0, f0), (g1, f1) in zip(r0["decisions"], r1["decisions"], strict=True):
+        assert torch.equal(g0, g1) and f0 == f1
+    fired = [f for _, f in r0["decisions"]]
+    assert any(fired) and not all(fired)  # a data-dependent decision (cos < 0.5, see ddp_run.LowCosine)
+    assert [h["step"] for h in r0["history"]] == [h["step"] for h in r1["history"]] != []
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b)
+
+
 def test_teleport_on_extra_loader_batches_and_variants_log_to_the_trainer(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 

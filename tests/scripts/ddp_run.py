@@ -1,6 +1,6 @@
 """Run a 2-process CPU DDP fit (gloo) and save each rank's final state; used by the tests.
 
-usage: python ddp_run.py OUT_DIR MODE   (MODE: core | teleport)
+usage: python ddp_run.py OUT_DIR MODE   (MODE: core | teleport | representation)
 """
 
 import sys
@@ -16,6 +16,7 @@ from mtl_models import TinyMTL, loader, regression_data, trainer  # noqa: E402
 
 from lightning_cost import SymmetryTeleportCallback  # noqa: E402
 from lightning_cost.aggregators import GramianAggregator  # noqa: E402
+from lightning_cost.teleport import ConflictTrigger, TriggerResult  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
@@ -25,6 +26,24 @@ class NormalizedMean(GramianAggregator):
 
     def weights(self, gramian):
         return 1.0 / gramian.diagonal().clamp_min(1e-30).sqrt() / gramian.shape[0]
+
+
+class LowCosine(ConflictTrigger):
+    """Fires when some cos(g_i, g_0) < 0.5: this data never conflicts, but the cosines (0.37-0.79 here)
+    cross 0.5 on some steps only, so ranks deciding on their local Gram would disagree."""
+
+    def __init__(self, decisions):
+        super().__init__()
+        self.decisions = decisions
+
+    def from_gram(self, gram):
+        result = super().from_gram(gram)
+        self.decisions.append((gram.clone(), bool(result.fire)))
+        return result
+
+    def decide(self, cos):
+        n = int((cos < 0.5).sum())
+        return TriggerResult(fire=n >= 1, num_conflicting=n, cosines=cos)
 
 
 class Net(TinyMTL):
@@ -46,7 +65,7 @@ class Save(L.Callback):
             self.jacobians.append(pl_module.mtl_step.jacobian.clone())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.tele is not None and trainer.global_step == 3:
+        if self.tele is not None and self.tele.trigger_on == "parameters" and trainer.global_step == 3:
             self.tele.force_next = True
 
     def on_train_end(self, trainer, pl_module):
@@ -59,22 +78,30 @@ class Save(L.Callback):
             "jacobians": self.jacobians,
             "skipped": pl_module.mtl_skipped_steps,
             "history": self.tele.history if self.tele is not None else None,
+            "decisions": getattr(self.tele, "decisions", None),
+            "local_rep_jacobian": pl_module.mtl_step.representation_jacobian,
         }, Path(self.out) / f"rank{trainer.global_rank}.pt")
 
 
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     L.seed_everything(0)
-    net = Net(k=3, method=NormalizedMean())
+    net = Net(k=3, method="ls" if mode == "representation" else NormalizedMean())
     tele = None
     callbacks = []
     if mode == "teleport":
         tele = SymmetryTeleportCallback(inner_steps=3, num_perturbations=2, max_teleports_per_epoch=None)
         callbacks.append(tele)
+    elif mode == "representation":  # the trigger on each rank's own samples; it must decide the same everywhere
+        tele = SymmetryTeleportCallback(trigger_on="representation", inner_steps=2, num_perturbations=2,
+                                        max_teleports_per_epoch=None, min_steps_between=2, loss_tolerance=1.0)
+        tele.decisions = []
+        tele.trigger = LowCosine(tele.decisions)
+        callbacks.append(tele)
     else:
         net.nan_at_step = 2
     callbacks.append(Save(out, tele))
-    fit = trainer(max_steps=6, callbacks=callbacks, strategy="ddp", devices=2,
+    fit = trainer(max_steps=10 if mode == "representation" else 6, callbacks=callbacks, strategy="ddp", devices=2,
                   accumulate_grad_batches=2 if mode == "core" else 1)
     fit.fit(net, loader(regression_data(k=3), batch_size=16, shuffle=True))
 
