@@ -384,6 +384,7 @@ class MultiTaskMixin:
         other_grads = grads[n_shared : n_shared + n_others]
         rep_rows = [self._mtl_rep_rows([g[i] if g is not None else None for g in grads[n_shared + n_others :]],
                                        reps, scale) for i in range(k)] if reps else []
+        del grads  # the per-parameter blocks of J are copied into it: free them before the aggregation
         if scale != 1.0:
             jacobian.div_(scale)
         all_reduce_mean_(jacobian)
@@ -458,15 +459,18 @@ class MultiTaskMixin:
                     raise
                 log.warning("lightning_cost: the batched per-task VJP failed (%s); using K VJPs from now on", err)
                 self._mtl_batched_ok = False
-        per_task = [torch.autograd.grad(scaled[i], list(inputs), retain_graph=retain or i < k - 1, allow_unused=True)
-                    for i in range(k)]
+        per_task = [list(torch.autograd.grad(scaled[i], list(inputs), retain_graph=retain or i < k - 1,
+                                             allow_unused=True)) for i in range(k)]
         stacked: list[Tensor | None] = []
         for j, x in enumerate(inputs):
             col = [g[j] for g in per_task]
+            for g in per_task:  # each per-task gradient is freed once stacked: one copy alive, not two
+                g[j] = None
             if all(g is None for g in col):
                 stacked.append(None)
             else:
                 stacked.append(torch.stack([g if g is not None else torch.zeros_like(x) for g in col]))
+            del col
         return stacked
 
     @staticmethod
