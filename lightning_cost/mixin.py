@@ -389,13 +389,19 @@ class MultiTaskMixin:
             jacobian.div_(scale)
         all_reduce_mean_(jacobian)
         global_losses = all_reduce_mean(losses.detach())
-        # One K x K x P product serves the finiteness check, the zero-row check, the Gramian
-        # aggregators and the conflict trigger: no separate pass over the K x P Jacobian.
-        j32 = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
-        gramian = j32 @ j32.T
+        # One per-row statistic of J serves the finiteness and zero-row checks, instead of separate
+        # isfinite/abs passes over K x P: the Gramian's diagonal ||g_i||^2 where the method reads
+        # J J^T anyway (the trigger then reuses it too), else max_k |g_ik| (one pass).
+        gramian: Tensor | None = None
+        if isinstance(self.mtl_method, GramianAggregator):
+            j32 = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
+            gramian = j32 @ j32.T
+            row_stat = gramian.diagonal()
+        else:
+            row_stat = torch.linalg.vector_norm(jacobian, ord=float("inf"), dim=1)
         record = StepRecord(losses=global_losses, jacobian=jacobian, gramian=gramian,
                             representation_jacobian=torch.stack(rep_rows) if rep_rows else None)
-        record.finite = _jacobian_is_finite(jacobian, gramian) and bool(torch.isfinite(global_losses).all())
+        record.finite = _jacobian_is_finite(jacobian, row_stat) and bool(torch.isfinite(global_losses).all())
 
         coeffs: Tensor
         if not record.finite:
@@ -413,7 +419,7 @@ class MultiTaskMixin:
         else:
             coeffs = torch.ones(k, device=jacobian.device, dtype=jacobian.dtype)
             try:
-                direction = self._mtl_aggregate(jacobian, gramian)
+                direction = self._mtl_aggregate(jacobian, row_stat, gramian)
             except AggregationError as err:
                 self._mtl_skip(record, f"{type(self.mtl_method).__name__} failed: {err}")
                 return self._mtl_surrogate(shared_trainable, torch.zeros_like(jacobian[0]), others, None)
@@ -498,18 +504,18 @@ class MultiTaskMixin:
                     terms.append(torch.dot(p.float().reshape(-1), g.detach().float().reshape(-1)))
             return torch.stack(terms).sum()
 
-    def _mtl_aggregate(self, jacobian: Tensor, gramian: Tensor) -> Tensor:
+    def _mtl_aggregate(self, jacobian: Tensor, row_stat: Tensor, gramian: Tensor | None = None) -> Tensor:
         """Aggregate, leaving out tasks whose shared gradient is exactly zero (they have no direction).
 
-        ``G_ii = ||g_i||^2`` finds the zero rows without reading ``J``; a row whose squares
-        underflowed to 0 is told apart by reading that row only.
+        ``row_stat`` is per row either ``||g_i||^2`` (the diagonal of ``gramian``, passed on to a
+        Gramian aggregator) or ``max_k |g_ik|``: zero exactly for a zero row, except that squares
+        can underflow, so a zero ``||g_i||^2`` is confirmed by reading that row only.
         """
-        zero_diag = (gramian.diagonal() == 0).tolist()
-        nonzero = [not z or bool(jacobian[i].abs().amax() > 0) for i, z in enumerate(zero_diag)]
+        zero = (row_stat == 0).tolist()
+        nonzero = [not z or (gramian is not None and bool(jacobian[i].abs().amax() > 0)) for i, z in enumerate(zero)]
         n = sum(nonzero)
-        takes_gramian = isinstance(self.mtl_method, GramianAggregator)
         if n == jacobian.shape[0]:
-            return self.mtl_method.aggregate(jacobian, gramian) if takes_gramian else self.mtl_method.aggregate(jacobian)
+            return self.mtl_method.aggregate(jacobian) if gramian is None else self.mtl_method.aggregate(jacobian, gramian)
         if n == 0:
             return torch.zeros_like(jacobian[0])
         zero_tasks = [t for t, nz in zip(self.task_names, nonzero, strict=True) if not nz]
@@ -518,15 +524,16 @@ class MultiTaskMixin:
         if n == 1:
             return jacobian[keep[0]].clone()
         sub = jacobian.index_select(0, keep)
-        if takes_gramian:
-            return self.mtl_method.aggregate(sub, gramian.index_select(0, keep).index_select(1, keep))
-        return self.mtl_method.aggregate(sub)
+        if gramian is None:
+            return self.mtl_method.aggregate(sub)
+        return self.mtl_method.aggregate(sub, gramian.index_select(0, keep).index_select(1, keep))
 
 
-def _jacobian_is_finite(jacobian: Tensor, gramian: Tensor) -> bool:
-    """``J`` is finite iff ``G = J J^T`` is, except where a finite ``J``'s products overflowed.
+def _jacobian_is_finite(jacobian: Tensor, row_stat: Tensor) -> bool:
+    """``J`` is finite iff its per-row statistic (``||g_i||^2`` or ``max_k |g_ik|``) is, except
+    where a finite row's squares overflowed.
 
-    A NaN or infinity in row ``i`` makes ``G_ii`` (a sum of squares) NaN or infinite, so a finite
-    ``G`` proves a finite ``J``; only a non-finite ``G`` (rare) costs a pass over ``J``.
+    A NaN or infinity in row ``i`` makes either statistic NaN or infinite, so a finite one proves a
+    finite ``J``; only a non-finite one (rare) costs a pass over ``J``.
     """
-    return bool(torch.isfinite(gramian).all()) or bool(torch.isfinite(jacobian).all())
+    return bool(torch.isfinite(row_stat).all()) or bool(torch.isfinite(jacobian).all())

@@ -40,8 +40,9 @@ class StepRecord:
             to the rank: its rows are samples, which cannot be averaged over ranks (reduce a
             statistic of it, e.g. its ``K x K`` Gram matrix, instead).
         gramian: ``[K, K]`` Gramian ``J J^T`` of ``jacobian`` (at least float32), or ``None``.
-            The core computes it once per step; the Gramian aggregators and the conflict trigger
-            read it instead of forming it again.
+            The core forms it once per step when the method is a Gramian aggregator; the conflict
+            trigger then reads it instead of ``J``. ``None`` otherwise (the trigger's ``K``
+            cosines from ``J`` cost less than a Gramian).
     """
 
     losses: Tensor

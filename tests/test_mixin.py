@@ -230,16 +230,28 @@ def test_aggregation_error_skips_the_step(caplog):
 def test_zero_gradient_task_is_left_out_of_the_aggregation():
     model = TinyMTL(k=3, method=NormalizedMean(), batchnorm=False)
     j = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 2.0]])
-    torch.testing.assert_close(model._mtl_aggregate(j, j @ j.T), NormalizedMean().aggregate(j[[0, 2]]))
-    torch.testing.assert_close(model._mtl_aggregate(torch.zeros(3, 2), torch.zeros(3, 3)), torch.zeros(2))
+    g = j @ j.T
+    torch.testing.assert_close(model._mtl_aggregate(j, g.diagonal(), g), NormalizedMean().aggregate(j[[0, 2]]))
+    torch.testing.assert_close(model._mtl_aggregate(torch.zeros(3, 2), torch.zeros(3), torch.zeros(3, 3)),
+                               torch.zeros(2))
     # a row so small that its squares underflow (G_ii == 0 in float32) is not a zero row
-    tiny = TinyMTL(k=3, method=FirstTask(), batchnorm=False)
-    j = torch.tensor([[1e-30, 0.0], [0.0, 0.0], [0.0, 2.0]])
-    assert (j @ j.T)[0, 0] == 0
-    torch.testing.assert_close(tiny._mtl_aggregate(j, j @ j.T), j[0])
-    tiny.mtl_method = FirstTask()
+    j = torch.tensor([[1e-30, 0.0], [0.0, 0.0], [1e-30, 1e-30]])
+    g = j @ j.T
+    assert g[0, 0] == 0 and g[2, 2] == 0
+    first = TinyMTL(k=3, method=FirstTask(), batchnorm=False)  # a non-Gramian aggregator reads max |g_ik|
+    torch.testing.assert_close(first._mtl_aggregate(j, torch.linalg.vector_norm(j, ord=float("inf"), dim=1)), j[0])
+
+    class FirstOfGramian(GramianAggregator):
+        def weights(self, gramian):
+            seen.append(gramian.shape[0])
+            return torch.tensor([1.0] + [0.0] * (gramian.shape[0] - 1))
+
+    seen = []
+    gram = TinyMTL(k=3, method=FirstOfGramian(), batchnorm=False)
+    torch.testing.assert_close(gram._mtl_aggregate(j, g.diagonal(), g), j[0])
+    assert seen == [2]  # rows 0 and 2 kept, the zero row 1 left out
     j = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # one task left: its gradient, whatever the method
-    torch.testing.assert_close(tiny._mtl_aggregate(j, j @ j.T), j[2])
+    torch.testing.assert_close(first._mtl_aggregate(j, torch.linalg.vector_norm(j, ord=float("inf"), dim=1)), j[2])
 
 
 class BadReturn(TinyMTL):

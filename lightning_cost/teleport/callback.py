@@ -37,9 +37,9 @@ class SymmetryTeleportCallback(L.Callback):
     least ``ceil(K/2)`` (``trigger="authors"``: any task with ``cos <= 0``). Under gradient
     accumulation only the micro-batch that steps is checked; steps with non-finite gradients are
     never checked; every DDP rank sees the same global Jacobian and decides the same. With a
-    gradient aggregator (FairGrad, MGDA, ...) the trigger reads the Gramian ``J J^T`` the core
-    already computed for the aggregator (``mtl_step.gramian``, the same tensor): it adds K cosines
-    from a ``K x K`` matrix, no backward pass and no pass over ``J``.
+    gradient aggregator (FairGrad, MGDA, ...) the trigger reads what the core already computed: the
+    aggregator's Gramian ``J J^T`` (``mtl_step.gramian``, the same tensor) when it has one, else
+    ``mtl_step.jacobian``. It adds K cosines, no backward pass.
 
     **Representation trigger** (``trigger_on="representation"``, optional, approximate): the same
     rule on the per-task gradients w.r.t. the shared *representation* (the trunk's output
