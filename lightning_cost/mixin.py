@@ -76,6 +76,7 @@ from lightning_cost.aggregators import (
     aggregator_class,
     build_aggregator,
 )
+from lightning_cost.aggregators import gramian as compute_gramian
 from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_
 from lightning_cost.protocol import StepRecord
 
@@ -394,8 +395,7 @@ class MultiTaskMixin:
         # J J^T anyway (the trigger then reuses it too), else max_k |g_ik| (one pass).
         gramian: Tensor | None = None
         if isinstance(self.mtl_method, GramianAggregator):
-            j32 = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
-            gramian = j32 @ j32.T
+            gramian = compute_gramian(jacobian)
             row_stat = gramian.diagonal()
         else:
             row_stat = torch.linalg.vector_norm(jacobian, ord=float("inf"), dim=1)

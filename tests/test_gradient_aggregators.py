@@ -744,3 +744,31 @@ def test_fairgrad_unsolvable_raises_aggregation_error() -> None:
     j = rand_jacobian(0, 2, 3)
     with pytest.raises(AggregationError):
         FairGrad().aggregate(torch.stack([j[0], -j[0]]))
+
+
+# ---------------------------------------------------------------------------------------- Gramian
+
+
+def test_gramian_is_j_jt_summed_by_blocks():
+    """Definition: G = J J^T, for any block size (a block boundary inside P, at P, past P)."""
+    from lightning_cost.aggregators import gramian
+
+    j = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    for block in (7, 50, 64):
+        torch.testing.assert_close(gramian(j, block=block), j @ j.T, rtol=1e-5, atol=1e-5)
+    assert gramian(j.half()).dtype == torch.float32  # at least float32, as the aggregators need
+
+
+def test_gramian_and_trigger_cosines_keep_float32_accuracy_at_large_p():
+    """Long float32 sums over P drift; blocked sums stay near float32 resolution (float64 reference)."""
+    from lightning_cost.aggregators import gramian
+    from lightning_cost.teleport import conflict_cosines
+
+    g = torch.Generator().manual_seed(0)
+    j = torch.randn(3, 3_000_000, generator=g) + 0.5  # a common mean component: the sums grow with P
+    exact = j.double() @ j.double().T
+    err = ((gramian(j).double() - exact).abs() / exact.abs()).max().item()
+    assert err < 1e-5, err
+    g0 = j.double().mean(0)
+    cos = (j.double() @ g0) / (j.double().norm(dim=1) * g0.norm())
+    assert (conflict_cosines(j) - cos).abs().max().item() < 1e-6

@@ -15,6 +15,7 @@ from lightning_cost.aggregators.base import (
     check_jacobian,
     check_jacobian_shape,
     check_losses,
+    gramian,
 )
 
 #: name -> (module, class). Modules are imported lazily so that solver back-ends
@@ -69,4 +70,5 @@ __all__ = [
     "check_jacobian",
     "check_jacobian_shape",
     "check_losses",
+    "gramian",
 ]

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_cost.aggregators.base import GRAMIAN_BLOCK
+
 __all__ = ["ConflictTrigger", "TriggerResult", "conflict_cosines", "conflict_cosines_from_gram", "representation_gram"]
 
 
@@ -19,11 +21,20 @@ def conflict_cosines(jacobian: Tensor) -> Tensor:
     """
     if jacobian.ndim != 2 or jacobian.shape[0] < 2:
         raise ValueError(f"jacobian must have shape [K>=2, P], got {tuple(jacobian.shape)}")
-    # K dot products and norms in the Jacobian's precision (no float64 copy of K x P), then float64
+    # K dot products and squared norms in the Jacobian's precision (no float64 copy of K x P), summed
+    # per block of GRAMIAN_BLOCK columns and the blocks in float64: one long float32 sum over P lost
+    # 4e-4 (norms) and 2e-5 (dots) relative at P = 11M on this project's CPU; blocked, ~4e-7.
     j = jacobian if jacobian.dtype in (torch.float32, torch.float64) else jacobian.float()
     g0 = j.mean(dim=0)
-    dots = (j @ g0).double()
-    norms = j.norm(dim=1).double() * g0.norm().double()
+    dots = torch.zeros(j.shape[0], dtype=torch.float64, device=j.device)
+    sq = torch.zeros_like(dots)
+    g0_sq = torch.zeros((), dtype=torch.float64, device=j.device)
+    for start in range(0, j.shape[1], GRAMIAN_BLOCK):
+        x, v = j[:, start : start + GRAMIAN_BLOCK], g0[start : start + GRAMIAN_BLOCK]
+        dots += (x @ v).double()
+        sq += (x * x).sum(dim=1).double()
+        g0_sq += (v @ v).double()
+    norms = sq.sqrt() * g0_sq.sqrt()
     return torch.where(norms > 0, dots / norms.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(dots))
 
 
