@@ -48,7 +48,8 @@ def _check(res: dict, out_dir) -> None:
     assert {r["method"] for r in solved} == set(AVAILABLE)
     assert all(r["solve_ms"] > 0 and r["pct_of_step"] > 0 for r in solved)
     assert on_disk["teleport"]["teleports"] >= 1 and on_disk["teleport"]["teleport_ms_mean"] > 0
-    assert all(r["conflict_cosines_ms"] > 0 for r in on_disk["trigger"])
+    assert all(r["conflict_cosines_ms"] > 0 and r["gramian_ms"] > 0 for r in on_disk["trigger"])
+    assert all(r["gramian_rel_err"] < 1e-4 and r["cos_abs_err"] < 1e-5 for r in on_disk["trigger"] if r["K"] <= 10)
     assert {r["method"] for r in on_disk["peers"]} >= {"mgda", "pcgrad", "cagrad", "imtl"}
     ratios = list(_ratios(on_disk))
     assert len(ratios) > 20
