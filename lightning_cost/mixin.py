@@ -398,7 +398,9 @@ class MultiTaskMixin:
             gramian = compute_gramian(jacobian)
             row_stat = gramian.diagonal()
         else:
-            row_stat = torch.linalg.vector_norm(jacobian, ord=float("inf"), dim=1)
+            # max |g_ik| as max(amax, -amin): 4-5x faster than vector_norm(ord=inf) or abs().amax() on
+            # CPU (measured 10 vs 46 ms at K = 12, P = 1.2M), and NaN/inf propagate through both
+            row_stat = torch.maximum(jacobian.amax(dim=1), jacobian.amin(dim=1).neg())
         record = StepRecord(losses=global_losses, jacobian=jacobian, gramian=gramian,
                             representation_jacobian=torch.stack(rep_rows) if rep_rows else None)
         record.finite = _jacobian_is_finite(jacobian, row_stat) and bool(torch.isfinite(global_losses).all())
