@@ -30,7 +30,7 @@ import torch
 
 from benchmarks import make_datamodule, make_model, module_classes
 from lightning_cost import SymmetryTeleportCallback
-from lightning_cost.teleport.trigger import conflict_cosines, conflict_cosines_from_gram
+from lightning_cost.teleport.trigger import ConflictTrigger
 
 __all__ = ["run", "main", "plot"]
 
@@ -48,13 +48,14 @@ class ConflictCounter(L.Callback):
 
     def __init__(self) -> None:
         self.per_step: list[int] = []
+        self.trigger = ConflictTrigger(rule="paper")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         rec = getattr(pl_module, "mtl_step", None)
         if rec is None or rec.jacobian is None or rec.skipped or not rec.finite:
             return
-        cos = conflict_cosines_from_gram(rec.gramian) if rec.gramian is not None else conflict_cosines(rec.jacobian)
-        self.per_step.append(int((cos < 0).sum()))
+        # the trigger's own path (reads the core's Gramian when there is one); "paper" counts cos < 0
+        self.per_step.append(self.trigger(rec.jacobian, gramian=rec.gramian).num_conflicting)
 
 
 def _mean(xs: list[float]) -> float:

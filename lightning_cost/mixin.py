@@ -454,7 +454,7 @@ class MultiTaskMixin:
         ``retain`` keeps the graph for a later backward.
         """
         k = scaled.shape[0]
-        mode = getattr(self, "mtl_jacobian_mode", "auto")
+        mode = self.mtl_jacobian_mode
         if mode == "batched" or (mode == "auto" and self._mtl_batched_ok is not False):
             eye = torch.eye(k, dtype=scaled.dtype, device=scaled.device)
             try:  # the first try keeps the graph, so that the loop can still run if it fails
@@ -478,7 +478,6 @@ class MultiTaskMixin:
                 stacked.append(None)
             else:
                 stacked.append(torch.stack([g if g is not None else torch.zeros_like(x) for g in col]))
-            del col
         return stacked
 
     @staticmethod

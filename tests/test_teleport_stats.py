@@ -44,3 +44,17 @@ def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
     assert len(saved["results"]) == 4
     for name in ("fig5a_trigger_ratio.png", "fig8_before_after.png"):
         assert (tmp_path / name).stat().st_size > 5000, name
+
+
+def test_conflict_counter_counts_tasks_opposing_the_mean_from_j_or_its_gramian() -> None:
+    """Hand-worked case: g0 = (1, 1); rows 1 and 2 point against the mean, row 0 with it."""
+    from types import SimpleNamespace
+
+    import torch
+
+    j = torch.tensor([[4.0, 4.0], [-1.0, 0.0], [0.0, -1.0]])  # g0 = (1, 1): cos > 0, < 0, < 0
+    counter = teleport_stats.ConflictCounter()
+    for gramian in (None, j @ j.T):
+        rec = SimpleNamespace(jacobian=j, gramian=gramian, skipped=False, finite=True)
+        counter.on_before_optimizer_step(None, SimpleNamespace(mtl_step=rec), None)
+    assert counter.per_step == [2, 2]

@@ -126,8 +126,8 @@ class Aggregator(nn.Module, ABC):
 class GramianAggregator(Aggregator):
     """An aggregator with ``d = J^T w`` and ``w = weights(J J^T)``.
 
-    :meth:`aggregate` reads ``J`` twice: once for ``G = J J^T`` (one matrix product in ``J``'s
-    dtype, at least float32) and once for ``J^T w``. It does not scan ``J`` for non-finite
+    :meth:`aggregate` reads ``J`` twice: once for ``G = J J^T`` (:func:`gramian`, in ``J``'s dtype,
+    at least float32; skipped when the caller passes ``G``) and once for ``J^T w``. It does not scan ``J`` for non-finite
     entries separately: a NaN or infinity in row ``i`` makes ``G_ii`` (a sum of squares) NaN or
     infinite, so ``J`` is finite whenever ``G`` is, and only a non-finite ``G`` sends ``J``
     through :func:`check_jacobian` (which then names the rows). Built-in methods reject a

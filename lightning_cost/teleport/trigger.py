@@ -104,8 +104,8 @@ class ConflictTrigger:
     def __call__(self, jacobian: Tensor, gramian: Tensor | None = None) -> TriggerResult:
         """Decide from the ``K x P`` Jacobian, or from ``gramian`` (``J J^T``) when it is given.
 
-        The multi-task core computes ``J J^T`` once per step and the callback passes it here, so the
-        cosines cost ``K x K`` work instead of a pass over ``J``.
+        With a Gramian aggregator the multi-task core has ``J J^T`` already (``mtl_step.gramian``) and
+        the callback passes it here, so the cosines cost ``K x K`` work instead of a pass over ``J``.
         """
         if gramian is not None:
             return self.from_gram(gramian)
