@@ -41,24 +41,24 @@ baselines are trained once and cached in ``DIR/baselines`` (``--baselines-from``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import logging
 import math
 import platform
 import random
 import statistics
 import sys
 import time
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
+
+from benchmarks.perf.bench import _quiet
+from benchmarks.run import _load_json, _write_json
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "main.yaml"
 TARGET_RATIO = 1.25  # issue 5: COST <= 1.25x its base method's training time on MultiMNIST
@@ -98,22 +98,6 @@ def runner_config(quick: bool, threads: int = 1) -> dict[str, Any]:
 # --------------------------------------------------------------------------- utilities
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    names = ("lightning", "lightning.pytorch", "lightning.fabric", "lightning_cost")
-    loggers = [logging.getLogger(n) for n in names]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lv in zip(loggers, levels, strict=True):
-            lg.setLevel(lv)
-
-
 def _median(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(statistics.median(xs)) if xs else float("nan")
@@ -122,32 +106,6 @@ def _median(xs: Sequence[float]) -> float:
 def _mean(xs: Sequence[float]) -> float:
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return float(statistics.fmean(xs)) if xs else float("nan")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
-    tmp.replace(path)
-
-
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-class StepTimer(L.Callback):
-    """Wall time of every training batch (``on_train_batch_start`` -> ``on_train_batch_end``)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter() - self._t)
 
 
 def _trainer(callbacks: list[L.Callback], **kw: Any) -> L.Trainer:
