@@ -159,7 +159,7 @@ def _finite(x: Any) -> float:
 class _EpochRecorder(L.Callback):
     """Records the validation metrics of every epoch and the conflict ratio (eq. 4) of the steps."""
 
-    def __init__(self, rule: str = "paper") -> None:
+    def __init__(self, rule: str = "majority") -> None:
         from lightning_cost.teleport.trigger import ConflictTrigger
 
         self.trigger = ConflictTrigger(rule)

@@ -48,13 +48,13 @@ class ConflictCounter(L.Callback):
 
     def __init__(self) -> None:
         self.per_step: list[int] = []
-        self.trigger = ConflictTrigger(rule="paper")
+        self.trigger = ConflictTrigger(rule="majority")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         rec = getattr(pl_module, "mtl_step", None)
         if rec is None or rec.jacobian is None or rec.skipped or not rec.finite:
             return
-        # the trigger's own path (reads the core's Gramian when there is one); "paper" counts cos < 0
+        # the trigger's own path (reads the core's Gramian when there is one); "majority" counts cos < 0
         self.per_step.append(self.trigger(rec.jacobian, gramian=rec.gramian).num_conflicting)
 
 
@@ -88,7 +88,7 @@ def run(dataset: str, rule: str, args: argparse.Namespace) -> dict[str, Any]:
         "dataset": dataset,
         "num_tasks": k,
         "rule": rule,
-        "threshold": tele.trigger.threshold(k) if rule == "paper" else 1,
+        "threshold": tele.trigger.threshold(k) if rule == "majority" else 1,
         "steps": trainer.global_step,
         "wall_s": wall,
         "forced_every": args.force_every,
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--cost-kw", type=json.loads, default={}, help="other SymmetryTeleportCallback arguments, JSON")
     p.add_argument("--max-per-epoch", type=int, default=None, help="teleport budget per epoch (default: none)")
     p.add_argument("--min-steps-between", type=int, default=10)
-    p.add_argument("--rules", nargs="+", default=["paper", "authors"])
+    p.add_argument("--rules", nargs="+", default=["majority", "any"])
     p.add_argument("--force-every", type=int, default=0,
                    help="also force a teleport every N steps (to measure teleports where the trigger is silent)")
     p.add_argument("--seed", type=int, default=0)

@@ -66,7 +66,7 @@ def test_quick_levers_and_agreement(tmp_path):
     agree = res["agreement"]
     for ds in ("multimnist", "yeast", "synthetic"):
         assert agree[ds]["steps"] > 0
-        for rule in ("paper", "authors"):
+        for rule in ("majority", "any"):
             for reduce in ("flatten", "mean"):
                 a = agree[ds][rule][reduce]
                 assert a["both_fire"] + a["both_silent"] + a["exact_only"] + a["rep_only"] == pytest.approx(1.0)

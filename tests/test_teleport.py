@@ -46,7 +46,7 @@ def rows(n_conflicting: int, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("k", [2, 3, 40])
 def test_trigger_fires_exactly_from_ceil_half(k):
-    trig = ConflictTrigger("paper")
+    trig = ConflictTrigger("majority")
     need = math.ceil(k / 2)
     assert trig(rows(need, k)).fire and trig(rows(need, k)).num_conflicting == need
     if need - 1 >= 0:
@@ -60,15 +60,28 @@ def test_trigger_hand_case_and_authors_rule():
     g0 = j.mean(0)
     assert cos[0].item() == pytest.approx(float(j[0] @ g0 / (j[0].norm() * g0.norm())))
     assert cos[0] < 0 < cos[1]
-    assert ConflictTrigger("paper")(j).fire
+    assert ConflictTrigger("majority")(j).fire
     # K=3 with one conflicting task: the paper's rule waits, the authors' fires
     j3 = rows(1, 3)
-    assert not ConflictTrigger("paper")(j3).fire and ConflictTrigger("authors")(j3).fire
+    assert not ConflictTrigger("majority")(j3).fire and ConflictTrigger("any")(j3).fire
     # orthogonal to the mean counts for the authors (cos <= 0) but not for the paper (cos < 0)
-    jo = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]])
-    assert ConflictTrigger("authors")(jo).fire and ConflictTrigger("paper")(jo).num_conflicting == 0
+    jo = torch.tensor([[1.0, 0.0], [1.0, 0.0], [-1.0, 1.0]])  # g0 = (1/3, 1/3), row 2 orthogonal to it
+    assert ConflictTrigger("any")(jo).fire and ConflictTrigger("majority")(jo).num_conflicting == 0
     with pytest.raises(ValueError):
         ConflictTrigger("other")
+
+
+def test_a_task_with_a_zero_gradient_is_not_a_conflict_under_either_rule():
+    """A task with no labels in the batch has an exactly zero gradient: no direction, no conflict."""
+    j = torch.tensor([[1.0, 0.2], [0.8, -0.1], [0.0, 0.0]])
+    for cos in (conflict_cosines(j), conflict_cosines_from_gram(j @ j.T)):
+        assert torch.isnan(cos[2]) and (cos[:2] > 0).all()
+    for rule in ("majority", "any"):
+        for result in (ConflictTrigger(rule)(j), ConflictTrigger(rule).from_gram(j @ j.T)):
+            assert not result.fire and result.num_conflicting == 0
+    # a real conflict next to a zero task still counts
+    jc = torch.tensor([[1.0, 0.0], [-0.2, 0.1], [0.0, 0.0]])
+    assert ConflictTrigger("any")(jc).fire and ConflictTrigger("any")(jc).num_conflicting == 1
 
 
 # ---------------------------------------------------------------- objective (eqs. 7-10)
@@ -406,7 +419,7 @@ def test_trigger_counts_only_stepping_micro_batches():
 def test_warmup_and_spacing_limit_teleports():
     L.seed_everything(0)
     model = TinyMTL(k=2)
-    tele = SymmetryTeleportCallback(trigger="authors", warmup_steps=2, min_steps_between=3, max_teleports_per_epoch=None,
+    tele = SymmetryTeleportCallback(trigger="any", warmup_steps=2, min_steps_between=3, max_teleports_per_epoch=None,
                                     inner_steps=1, num_perturbations=1, loss_tolerance=10.0)
 
     class Always(ConflictTrigger):  # every step "conflicts"

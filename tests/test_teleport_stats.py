@@ -24,11 +24,11 @@ def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
             "--cost-kw", json.dumps({"inner_steps": 2, "num_perturbations": 2}), "--out", str(tmp_path)]
     results = teleport_stats.main(argv)
     assert [(r["dataset"], r["rule"]) for r in results] == [
-        ("multimnist", "paper"), ("multimnist", "authors"), ("yeast", "paper"), ("yeast", "authors")]
+        ("multimnist", "majority"), ("multimnist", "any"), ("yeast", "majority"), ("yeast", "any")]
     for r in results:
         k = r["num_tasks"]
         assert k == (2 if r["dataset"] == "multimnist" else 14)
-        assert r["threshold"] == (math.ceil(k / 2) if r["rule"] == "paper" else 1)
+        assert r["threshold"] == (math.ceil(k / 2) if r["rule"] == "majority" else 1)
         assert len(r["trigger_ratio_per_epoch"]) == 2
         assert all(0.0 <= v <= 1.0 for v in r["trigger_ratio_per_epoch"])
         hist = r["conflicting_tasks_histogram"]

@@ -602,7 +602,7 @@ def _agreement_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if not rows:
         return out
     k = len(rows[0]["exact"])
-    for rule in ("paper", "authors"):
+    for rule in ("majority", "any"):
         trig = ConflictTrigger(rule)
         exact = [trig.decide(torch.tensor(r["exact"], dtype=torch.float64)).fire for r in rows]
         out[rule] = {"exact_fire_rate": _mean([float(e) for e in exact])}
@@ -745,7 +745,7 @@ def render(res: dict[str, Any]) -> str:
     if "agreement" in res:
         rows = []
         for ds, r in res["agreement"].items():
-            for rule in ("paper", "authors"):
+            for rule in ("majority", "any"):
                 if rule not in r:
                     continue
                 for reduce in ("flatten", "mean"):

@@ -18,7 +18,7 @@ from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
-from lightning_cost.teleport.trigger import ConflictTrigger, representation_gram
+from lightning_cost.teleport.trigger import ConflictTrigger
 
 __all__ = ["SymmetryTeleportCallback"]
 
@@ -34,7 +34,7 @@ class SymmetryTeleportCallback(L.Callback):
 
     **Trigger** (``on_after_backward``, eqs. 3-4): from the step's global per-task gradients of the
     shared parameters, count the tasks with ``cos(g_i, g_0) < 0``; teleport when the count is at
-    least ``ceil(K/2)`` (``trigger="authors"``: any task with ``cos <= 0``). Under gradient
+    least ``ceil(K/2)`` (``trigger="majority"``; ``"any"``: any task with ``cos <= 0``, the authors' code). Under gradient
     accumulation only the micro-batch that steps is checked; steps with non-finite gradients are
     never checked; every DDP rank sees the same global Jacobian and decides the same. With a
     gradient aggregator (FairGrad, MGDA, ...) the trigger reads what the core already computed: the
@@ -114,7 +114,7 @@ class SymmetryTeleportCallback(L.Callback):
         radius: ``delta``, the norm of each perturbation over all shared parameters.
         ratio: ``"paper"`` (eq. 10) or ``"authors"`` for ``R``.
         sharpness: ``"paper"`` (eq. 9) or ``"difference"`` (eq. 8).
-        trigger: ``"paper"`` (eq. 4) or ``"authors"``.
+        trigger: ``"majority"`` (eq. 4) or ``"any"`` (the authors' code).
         warmup_epochs, warmup_steps: no teleport before both are reached.
         max_teleports_per_epoch: at most this many (accepted or rejected) teleports per epoch;
             ``None`` for no limit.
@@ -172,7 +172,7 @@ class SymmetryTeleportCallback(L.Callback):
         radius: float = 1e-2,
         ratio: Literal["paper", "authors"] = "paper",
         sharpness: Literal["paper", "difference"] = "paper",
-        trigger: Literal["paper", "authors"] = "paper",
+        trigger: Literal["majority", "any"] = "majority",
         warmup_epochs: int = 0,
         warmup_steps: int = 0,
         max_teleports_per_epoch: int | None = 1,
@@ -221,7 +221,7 @@ class SymmetryTeleportCallback(L.Callback):
         self.teleport_every = teleport_every
         self.num_perturbations, self.radius = num_perturbations, radius
         self.ratio, self.sharpness = ratio, sharpness
-        self.trigger = ConflictTrigger(trigger)
+        self.trigger = ConflictTrigger(trigger, on=trigger_on, reduce=representation_reduce)
         self.warmup_epochs, self.warmup_steps = warmup_epochs, warmup_steps
         self.max_teleports_per_epoch, self.min_steps_between = max_teleports_per_epoch, min_steps_between
         self.teleport_batches = teleport_batches
@@ -308,16 +308,9 @@ class SymmetryTeleportCallback(L.Callback):
         record: StepRecord | None = getattr(pl_module, "mtl_step", None)
         if record is None or not record.finite or record.skipped:
             return
-        if self.trigger_on == "representation":
-            if record.representation_jacobian is None:
-                raise RuntimeError(
-                    "trigger_on='representation': the module recorded no representation this step; pass the shared "
-                    "module to configure_multitask(shared=module) or call self.mark_representation(z) in training_step")
-            result = self.trigger.from_gram(self._representation_gram(record.representation_jacobian))
-        elif record.jacobian is None:
+        result = self.trigger.check(record)
+        if result is None:
             return
-        else:  # with the core's J J^T: K x K work, no pass over J
-            result = self.trigger(record.jacobian, gramian=record.gramian)
         self._epoch["checked"] += 1
         self._epoch["conflicting"] += int(result.fire)
         if (result.fire or self.force_next) and self._allowed(trainer):
@@ -375,13 +368,6 @@ class SymmetryTeleportCallback(L.Callback):
         self.last_teleport_step = state_dict["last_teleport_step"]
         self._epoch = dict(state_dict["epoch_counts"])
         self._pending_sigma = state_dict["pending_sigma"]
-
-    def _representation_gram(self, rep_jacobian: Tensor) -> Tensor:
-        """The global ``K x K`` Gram matrix of the representation gradients (identical on every rank)."""
-        if self.representation_reduce == "mean":
-            v = all_reduce_mean(rep_jacobian.sum(dim=1).float())
-            return (v @ v.T).double()
-        return all_reduce_mean(representation_gram(rep_jacobian, "flatten"))
 
     # ------------------------------------------------------------------ the teleport
     def _allowed(self, trainer: L.Trainer) -> bool:

@@ -33,7 +33,7 @@ class LowCosine(ConflictTrigger):
     cross 0.5 on some steps only, so ranks deciding on their local Gram would disagree."""
 
     def __init__(self, decisions):
-        super().__init__()
+        super().__init__(on="representation")
         self.decisions = decisions
 
     def from_gram(self, gram):
