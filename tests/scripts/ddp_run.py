@@ -65,8 +65,8 @@ class Save(L.Callback):
             self.jacobians.append(pl_module.mtl_step.jacobian.clone())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.tele is not None and self.tele.trigger_on == "parameters" and trainer.global_step == 3:
-            self.tele.force_next = True
+        if self.tele is not None and self.tele.trigger.on == "parameters" and trainer.global_step == 3:
+            self.tele.request_teleport()
 
     def on_train_end(self, trainer, pl_module):
         opt = trainer.optimizers[0]
@@ -77,7 +77,7 @@ class Save(L.Callback):
             "opt_state": state,
             "jacobians": self.jacobians,
             "skipped": pl_module.mtl_skipped_steps,
-            "history": self.tele.history if self.tele is not None else None,
+            "history": [r.to_dict() for r in self.tele.history] if self.tele is not None else None,
             "decisions": getattr(self.tele, "decisions", None),
             "local_rep_jacobian": pl_module.mtl_step.representation_jacobian,
         }, Path(self.out) / f"rank{trainer.global_rank}.pt")
@@ -90,11 +90,13 @@ def main():
     tele = None
     callbacks = []
     if mode == "teleport":
-        tele = SymmetryTeleportCallback(inner_steps=3, num_perturbations=2, max_teleports_per_epoch=None)
+        tele = SymmetryTeleportCallback(teleporter={"inner_steps": 3, "num_perturbations": 2},
+                                        schedule={"max_per_epoch": None})
         callbacks.append(tele)
     elif mode == "representation":  # the trigger on each rank's own samples; it must decide the same everywhere
-        tele = SymmetryTeleportCallback(trigger_on="representation", inner_steps=2, num_perturbations=2,
-                                        max_teleports_per_epoch=None, min_steps_between=2, loss_tolerance=1.0)
+        tele = SymmetryTeleportCallback(trigger={"on": "representation"},
+                                        teleporter={"inner_steps": 2, "num_perturbations": 2, "loss_tolerance": 1.0},
+                                        schedule={"max_per_epoch": None, "min_steps_between": 2})
         tele.decisions = []
         tele.trigger = LowCosine(tele.decisions)
         callbacks.append(tele)
