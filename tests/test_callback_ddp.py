@@ -45,10 +45,12 @@ def test_ddp_representation_trigger_decides_on_the_global_gram_on_every_rank(tmp
         assert torch.equal(a, b)
 
 
-def _run(tmp_path, devices, mode):
+def _run(tmp_path, devices, mode, stderr=None):
     proc = subprocess.run([sys.executable, str(Path(__file__).parent / "scripts" / "ddp_teleport.py"), str(tmp_path),
                            str(devices), mode], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if stderr is not None:
+        stderr.append(proc.stderr)
     return torch.load(tmp_path / f"devices{devices}.pt", weights_only=False)
 
 
@@ -74,6 +76,9 @@ def test_ddp_loss_invariance_alone_does_not_move_the_weights(tmp_path):
 
 @pytest.mark.ddp
 def test_ddp_teleports_at_defaults_are_accepted_on_heterogeneous_ranks_at_batch_8(tmp_path):
-    history = _run(tmp_path, 2, "accept")["history"]
-    assert [r["step"] for r in history] == [1, 3, 5]
-    assert all(r["accepted"] for r in history), [r["reason"] for r in history]
+    stderr = []
+    history = _run(tmp_path, 2, "accept", stderr)["history"]
+    assert [r["step"] for r in history] == [1, 3, 5, 7]
+    assert all(r["accepted"] for r in history[:3]), [r["reason"] for r in history]
+    assert not history[3]["accepted"]
+    assert stderr[0].count("teleport rejected") == 1  # rank zero warns; rank one does not repeat it

@@ -4,7 +4,8 @@ usage: python ddp_teleport.py OUT_DIR DEVICES MODE
   DEVICES: 2 (DDP over gloo, batch B per rank) or 1 (one device, batch 2B: the union of the ranks' batches)
   MODE: compare  one teleport at step 0 (B = 16), then stop: the weights it left
         lt_only  the same with L_t alone (eq. 7): no displacement when the objective is the global one
-        accept   defaults, B = 8, teleports at steps 1, 3, 5: all must be accepted
+        accept   defaults, B = 8, teleports at steps 1, 3, 5 (all must be accepted) and one at step 7 with a
+                 zero tolerance (rejected: its warning must be printed once, not once per rank)
 """
 
 import sys
@@ -23,6 +24,7 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset  # noqa: E402
 from lightning_cost import SymmetryTeleportCallback  # noqa: E402
 
 warnings.filterwarnings("ignore")
+warnings.filterwarnings("always", message=".*teleport rejected.*")
 
 
 def heterogeneous(n: int = 256) -> TensorDataset:
@@ -59,6 +61,17 @@ class Force(L.Callback):
             self.tele.request_teleport()
 
 
+class Strict(L.Callback):
+    """From ``step`` on, the acceptance test tolerates no drift at all."""
+
+    def __init__(self, tele, step):
+        self.tele, self.step = tele, step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.tele.teleporter.loss_tolerance = self.tele.teleporter.abs_tolerance = 0.0
+
+
 class Save(L.Callback):
     def __init__(self, out, tele):
         self.out, self.tele = Path(out), tele
@@ -77,9 +90,10 @@ def main():
     per_rank = 8 if mode == "accept" else 16
     lora = {"use_lg": False} if mode == "lt_only" else {}
     tele = SymmetryTeleportCallback(teleporter=lora, schedule={"max_per_epoch": None})
-    steps, max_steps = ((1, 3, 5), 6) if mode == "accept" else ((0,), 1)
+    steps, max_steps = ((1, 3, 5, 7), 8) if mode == "accept" else ((0,), 1)
     kw = {"strategy": "ddp"} if devices == 2 else {}
-    fit = trainer(max_steps=max_steps, devices=devices, callbacks=[Force(tele, steps), tele, Save(out, tele)],
+    callbacks = [Force(tele, steps), Strict(tele, 7), tele, Save(out, tele)]
+    fit = trainer(max_steps=max_steps, devices=devices, callbacks=callbacks,
                   use_distributed_sampler=False, **kw)
     data = heterogeneous()
     fit.fit(net, DataLoader(data, batch_size=per_rank * (2 // devices), sampler=RankSamples(len(data))))
