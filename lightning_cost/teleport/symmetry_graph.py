@@ -186,7 +186,10 @@ class LabelPropagator:
                 else pool(_POOL_MODULES.get(kind))
             return rule(self, node, value)
         x = self.value(node.args[0]) if node.args else MISSING
-        owned = all(id(p) in self._rescalable for p in module.parameters(recurse=False))
+        owned = all(id(p) in self._rescalable for p in module.parameters(recurse=False)) and all(
+            id(t) in self._rescalable for t in (getattr(module, "weight", None), getattr(module, "bias", None))
+            if t is not None
+        )
         if not owned or not isinstance(x, Tensor) or not isinstance(value, Tensor) or len(node.args) != 1:
             return self.unknown(node, f"'{node.target}' ({kind.__name__}) has parameters outside the rescaled set"
                                 if not owned else None)
