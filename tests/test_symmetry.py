@@ -519,3 +519,18 @@ def test_a_layer_whose_weight_is_not_a_listed_parameter_is_not_rescaled():
     sym = find_all(module, x)
     assert group_names(sym) == ["4 -> 6"]
     assert_invariant(module, x, sym)
+
+
+class IntegerCast(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(F.relu(self.a(x)).mul(10).to(torch.int64).float())
+
+
+def test_a_cast_to_integers_fixes_the_group():
+    """Rounding to integers is not homogeneous: (a x).to(int) != a * x.to(int)."""
+    with pytest.raises(NoSymmetryError, match=r"'to' \(to\)"):
+        find_all(IntegerCast(), torch.randn(5, 4))

@@ -98,8 +98,10 @@ class RescaleSymmetry:
         ``params`` are the parameters that may be rescaled (the shared, trainable ones); a layer with
         a parameter outside them fixes the scales it reads. ``normalized=True`` also uses channels
         absorbed by a normalisation (approximate by the norm's ``eps``, module docstring).
-        Python branches in ``forward`` follow the example inputs (a warning says when one depends
-        on tensor values rather than shapes).
+        ``module`` is traced in eval mode (restored after), and Python branches in ``forward``
+        follow the example inputs (a warning says when one depends on tensor values rather than
+        shapes). ``params`` must not be used outside ``module`` (e.g. tied to a head's weight):
+        only ``module``'s own uses are visible to the analysis.
         Raises :class:`NoSymmetryError` if tracing fails or no scale is left free.
         """
         params = _checked_params(params)

@@ -44,7 +44,12 @@ def _operand(node: fx.Node, position: int, keyword: str) -> Any:
 
 
 def pointwise(prop, node: fx.Node, value: Any) -> np.ndarray | None:
-    """A positively homogeneous pointwise map of its first argument: the labels pass unchanged."""
+    """A positively homogeneous pointwise map of its first argument: the labels pass unchanged.
+
+    A cast to a non-floating dtype rounds, so it is not homogeneous: the labels are fixed.
+    """
+    if not (isinstance(value, Tensor) and value.is_floating_point()):
+        return prop.unknown(node)
     return prop.label(node.args[0])
 
 
