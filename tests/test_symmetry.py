@@ -81,6 +81,13 @@ def build(name: str, dtype=torch.float32, seed: int = 0) -> tuple[nn.Module, Ten
     return net, x
 
 
+def trunk_symmetry(name: str, mode: str, dtype=torch.float32, **kw) -> tuple[nn.Module, Tensor, RescaleSymmetry]:
+    """The network in ``mode`` and the rescalings of its trunk's parameters."""
+    net, x = build(name, dtype)
+    net.train(mode == "train")
+    return net, x, RescaleSymmetry.find(net.trunk, (x,), list(net.trunk.parameters()), **kw)
+
+
 def outputs_and_loss(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     """Trunk output, heads' outputs and a task loss; dropout masks drawn from one fixed seed."""
     with torch.random.fork_rng(), torch.no_grad():
@@ -119,9 +126,7 @@ def invariance_error(net: nn.Module, x: Tensor, sym: RescaleSymmetry, s: Tensor)
 def test_rescaling_leaves_outputs_and_task_loss_unchanged(name, mode, dtype):
     """To 1e-5 relative in float32 (or 4x the network's own float32 rounding error where that is
     larger), to 1e-12 in float64."""
-    net, x = build(name, dtype)
-    net.train(mode == "train")
-    sym = RescaleSymmetry.find(net.trunk, (x,), list(net.trunk.parameters()))
+    net, x, sym = trunk_symmetry(name, mode, dtype)
     assert sym.num_scales > 0 and all(g.kind == "homogeneous" for g in sym.groups)
     out_err, loss_err, rounding = invariance_error(net, x, sym, log_scales(sym, dtype=dtype))
     tol = TOL[dtype] if dtype == torch.float64 else max(TOL[dtype], 4 * rounding)
@@ -131,14 +136,11 @@ def test_rescaling_leaves_outputs_and_task_loss_unchanged(name, mode, dtype):
 @pytest.mark.parametrize("name", ["mlp", "lenet", "resnet18"])
 def test_control_rescaling_one_layer_alone_changes_outputs(name):
     """The check above can fail: one parameter's factor without the rest of its group's."""
-    net, x = build(name)
-    net.eval()
-    params = list(net.trunk.parameters())
-    sym = RescaleSymmetry.find(net.trunk, (x,), params)
+    net, x, sym = trunk_symmetry(name, "eval")
     out0, _ = outputs_and_loss(net, x)
     k, t = next((k, t) for k, t in enumerate(sym.factors(log_scales(sym))) if not bool((t == 1).all()))
     with torch.no_grad():
-        params[k].mul_(t)
+        sym.params[k].mul_(t)
     out1, _ = outputs_and_loss(net, x)
     assert rel(out1, out0) > 1e-2
 
@@ -148,11 +150,8 @@ def test_control_rescaling_one_layer_alone_changes_outputs(name):
 def test_normalized_groups_are_exact_up_to_eps(name, mode):
     """Channels feeding only a BatchNorm: invariant once eps ~ 0 (running stats follow in eval);
     with the norm's own eps the invariance is only approximate, which is why it is off by default."""
-    net, x = build(name, torch.float64)
-    net.train(mode == "train")
-    params = list(net.trunk.parameters())
-    default = RescaleSymmetry.find(net.trunk, (x,), params)
-    sym = RescaleSymmetry.find(net.trunk, (x,), params, normalized=True)
+    net, x, sym = trunk_symmetry(name, mode, torch.float64, normalized=True)
+    default = RescaleSymmetry.find(net.trunk, (x,), sym.params)
     kinds = {g.kind for g in sym.groups}
     assert kinds == {"homogeneous", "normalized"} and sym.num_scales > default.num_scales
     s = log_scales(sym, dtype=torch.float64)
@@ -169,10 +168,14 @@ def test_normalized_groups_are_exact_up_to_eps(name, mode):
 # --------------------------------------------------------------------------- gradients
 
 
-def per_task_jacobian(net: nn.Module, x: Tensor, params: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``[K, P]`` per-task gradients of the trunk parameters (plain autograd) and the ``[K]`` losses."""
-    out = net(x)
-    losses = torch.stack([(y.float() - 0.3).pow(2).mean() for y in out.values()])
+def per_task_jacobian(net: nn.Module, x: Tensor, y: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``[K, P]`` per-task gradients of the trunk parameters (plain autograd) and the ``[K]`` losses.
+
+    Task ``k``'s loss is the MSE of its output to ``y[:, k]`` (to 0.3 without ``y``).
+    """
+    params = list(net.trunk.parameters())
+    losses = torch.stack([F.mse_loss(out, torch.full_like(out, 0.3) if y is None else y[:, k])
+                          for k, out in enumerate(net(x).values())])
     rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
             for loss in losses]
     return torch.stack(rows), losses.detach()
@@ -180,16 +183,13 @@ def per_task_jacobian(net: nn.Module, x: Tensor, params: list[Tensor]) -> tuple[
 
 @pytest.mark.parametrize("name", ["mlp", "mlp_bn", "lenet"])
 def test_per_task_gradients_at_the_new_point_are_the_old_ones_over_t(name):
-    net, x = build(name)
-    net.train()
-    params = list(net.trunk.parameters())
-    sym = RescaleSymmetry.find(net.trunk, (x,), params)
+    net, x, sym = trunk_symmetry(name, "train")
     state = copy.deepcopy(net.state_dict())
-    j0, l0 = per_task_jacobian(net, x, params)
+    j0, l0 = per_task_jacobian(net, x)
     net.load_state_dict(state)
     s = log_scales(sym, seed=3)
     sym.apply_(s)
-    j1, l1 = per_task_jacobian(net, x, params)
+    j1, l1 = per_task_jacobian(net, x)
     t = sym.flat_factors(s)
     assert rel(l1, l0) < 1e-5
     for k in range(j0.shape[0]):
@@ -435,14 +435,6 @@ def trained_conflicting_mlp(steps: int = 200) -> tuple[MultiTaskNet, Tensor, Ten
     return net, x, y
 
 
-def task_jacobian(net: MultiTaskNet, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    params = list(net.trunk.parameters())
-    losses = torch.stack([F.mse_loss(out, y[:, k]) for k, out in enumerate(net(x).values())])
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
-            for loss in losses]
-    return torch.stack(rows), losses.detach()
-
-
 def min_cosine(j: Tensor, temperature: float | None = None) -> Tensor:
     """min_i cos(g_i, g0), g0 the mean gradient; a soft minimum when ``temperature`` is given."""
     cos = F.cosine_similarity(j, j.mean(0, keepdim=True), dim=1)
@@ -453,7 +445,7 @@ def teleport_search(objective: str, steps: int = 300) -> dict[str, float]:
     """Search log-scales (|log a| <= log 4) with Adam on J' = J / t only; verify at the new point."""
     net, x, y = trained_conflicting_mlp()
     sym = RescaleSymmetry.find(net.trunk, (x,), list(net.trunk.parameters()))
-    j, losses = task_jacobian(net, x, y)
+    j, losses = per_task_jacobian(net, x, y)
     u = torch.zeros(sym.num_scales, requires_grad=True)
     opt = torch.optim.Adam([u], lr=0.05)
     for _ in range(steps):
@@ -465,7 +457,7 @@ def teleport_search(objective: str, steps: int = 300) -> dict[str, float]:
     s = (LOG4 * torch.tanh(u)).detach()
     predicted = j / sym.flat_factors(s)
     sym.apply_(s)
-    j_new, losses_new = task_jacobian(net, x, y)
+    j_new, losses_new = per_task_jacobian(net, x, y)
     return {
         "min_cos_before": min_cosine(j).item(), "min_cos_after": min_cosine(j_new).item(),
         "g0_before": j.mean(0).norm().item(), "g0_after": j_new.mean(0).norm().item(),
