@@ -186,10 +186,7 @@ class LabelPropagator:
                 else pool(_POOL_MODULES.get(kind))
             return rule(self, node, value)
         x = self.value(node.args[0]) if node.args else MISSING
-        owned = all(id(p) in self._rescalable for p in module.parameters(recurse=False)) and all(
-            id(t) in self._rescalable for t in (getattr(module, "weight", None), getattr(module, "bias", None))
-            if t is not None
-        )
+        owned = self._owns(module)
         if not owned or not isinstance(x, Tensor) or not isinstance(value, Tensor) or len(node.args) != 1:
             return self.unknown(node, f"'{node.target}' ({kind.__name__}) has parameters outside the rescaled set"
                                 if not owned else None)
@@ -201,6 +198,11 @@ class LabelPropagator:
         if kind in _SLICE_NORMS:
             return self._slice_norm(node, module, x, value)
         return self.unknown(node)
+
+    def _owns(self, module: nn.Module) -> bool:
+        """Every parameter of ``module``, and its ``weight``/``bias`` whatever they are, is rescalable."""
+        tensors = [*module.parameters(recurse=False), getattr(module, "weight", None), getattr(module, "bias", None)]
+        return all(id(t) in self._rescalable for t in tensors if t is not None)
 
     def _linear_layer(self, node: fx.Node, module: nn.Module, x: Tensor, value: Tensor) -> np.ndarray | None:
         """Linear/Conv: consumer of its input channels, producer of its output channels."""

@@ -108,10 +108,6 @@ def move(multi: bool = False) -> Rule:
     return rule
 
 
-def _is_tensor_node(prop, arg: Any) -> bool:
-    return isinstance(arg, fx.Node) and isinstance(prop.value(arg), Tensor)
-
-
 def add(prop, node: fx.Node, value: Any) -> np.ndarray | None:
     """``x + y`` / ``x - y``: both rescaled -> one scale elementwise; else a rescaled side is fixed."""
     a, b = node.args[0], _operand(node, 1, "other")
