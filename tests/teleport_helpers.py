@@ -74,3 +74,12 @@ class MarkedRaw(WithRaw):
         x, y = batch
         z = self.mark_representation(self.trunk(x) * self.scale)
         return {f"t{i}": ((h(z).squeeze(-1) - y[:, i]) ** 2).mean() for i, h in enumerate(self.heads)}
+
+
+class ReluMTL(TinyMTL):
+    """A ReLU trunk with two hidden layers (32 exact rescaling scales) and K linear heads."""
+
+    def __init__(self, k: int = 3, method="ls", optimizer: str = "adam"):
+        super().__init__(k=k, method=method, optimizer=optimizer, batchnorm=False)
+        self.trunk = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+        self.configure_multitask([f"t{i}" for i in range(k)], shared=self.trunk, method=method)

@@ -227,6 +227,7 @@ def test_teleport_on_extra_loader_batches_and_variants_log_to_the_trainer(tmp_pa
     L.seed_everything(0)
     model = TinyMTL(k=3)
     tele = SymmetryTeleportCallback(teleporter={"inner_steps": 2, "ratio": "linear", "sharpness": "difference",
+                                                "perturbation": "random",
                                                 "loss_tolerance": 0.2},
                                     schedule={"max_per_epoch": None}, teleport_batches=2)
     logger = CSVLogger(tmp_path, name="run")

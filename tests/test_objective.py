@@ -32,3 +32,15 @@ def test_sample_sphere_has_the_radius_and_is_seeded():
     norm = torch.sqrt(sum((t.double() ** 2).sum() for t in a))
     assert norm.item() == pytest.approx(0.3, rel=1e-6)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def test_relative_drift_penalty_and_ascent_direction_hand_cases():
+    from lightning_cost.teleport.objective import ascent_direction, relative_drift_penalty
+
+    losses, target = torch.tensor([1.01, 2.0, 0.5]), torch.tensor([1.0, 2.0, 0.5])
+    assert relative_drift_penalty(losses, target, 0.01).item() == pytest.approx(1 / 3, rel=1e-4)  # 1 % drift -> 1
+    assert relative_drift_penalty(target, target, 0.01).item() == 0.0
+    eps = ascent_direction([torch.tensor([3.0, 0.0]), torch.tensor([4.0])], radius=0.5)
+    torch.testing.assert_close(eps[0], torch.tensor([0.3, 0.0]))
+    torch.testing.assert_close(eps[1], torch.tensor([0.4]))
+    assert all(e.abs().sum() == 0 for e in ascent_direction([torch.zeros(2)], 1.0))

@@ -8,7 +8,9 @@ from lightning_cost.teleport.lora import LoRAConfig, LoRATeleporter
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
 from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
 from lightning_cost.teleport.registry import TELEPORTERS, build_teleporter
+from lightning_cost.teleport.rescale import RescaleConfig, RescaleTeleporter
 from lightning_cost.teleport.schedule import TeleportSchedule
+from lightning_cost.teleport.symmetry import NoSymmetryError, RescaleSymmetry, ScaleGroup
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem, TeleportRejected
 from lightning_cost.teleport.transfer import TRANSFERS, StateTransfer
 from lightning_cost.teleport.trigger import (
@@ -26,6 +28,11 @@ __all__ = [
     "LoRAConfig",
     "LoRATeleporter",
     "Move",
+    "NoSymmetryError",
+    "RescaleConfig",
+    "RescaleSymmetry",
+    "RescaleTeleporter",
+    "ScaleGroup",
     "Snapshot",
     "StateTransfer",
     "SymmetryTeleportCallback",

@@ -121,6 +121,10 @@ class TeleportAdapter:
     def lora_parameters(self) -> list[Tensor]:
         return [p for n, p in self.module.named_parameters() if "lora_" in n and self.adapter_name in n]
 
+    def name_of(self, p: Tensor) -> str:
+        """The name under which :meth:`overrides` gives ``p``."""
+        return self._names[id(p)]
+
     def overrides(self, eps: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
         """``theta + dtheta (+ eps)`` for the parameters that differ from ``theta``, keyed by name.
 

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport._checks import check_bool, check_int
-from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator
+from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
 from lightning_cost.teleport.registry import build_teleporter
 from lightning_cost.teleport.schedule import TeleportSchedule
@@ -196,13 +196,13 @@ class SymmetryTeleportCallback(L.Callback):
         try:
             with evaluator.dropout_off() as had_dropout:
                 reuse = len(batches) == 1 and not had_dropout and record.jacobian is not None
-                target, jacobian = (record.losses.float(), record.jacobian) if reuse else \
-                    evaluator.jacobian(batches, params)
-                snapshot.restore_buffers()
+                with keep_buffers(pl_module):
+                    target, jacobian = (record.losses.float(), record.jacobian) if reuse else \
+                        evaluator.jacobian(batches, params)
                 rec.before = GradientStats.of(jacobian, self.trigger)
                 problem = TeleportProblem(pl_module, params, evaluator, batches, target, jacobian, self.generator,
-                                          _lr_of(optimizer, params))
-                move = self.teleporter.teleport(problem, snapshot, rec)
+                                          _lr_of(optimizer, params), snapshot)
+                move = self.teleporter.teleport(problem, rec)
                 if move is not None and rec.moved:
                     self._after_move(rec, problem, snapshot, move, optimizer, g_prev)
         except BaseException:
@@ -221,8 +221,8 @@ class SymmetryTeleportCallback(L.Callback):
         if self.measure:
             after = move.jacobian_after
             if after is None:
-                _, after = problem.evaluator.jacobian(problem.batches, problem.params)
-                snapshot.restore_buffers()
+                with keep_buffers(problem.module):
+                    _, after = problem.evaluator.jacobian(problem.batches, problem.params)
             rec.after = GradientStats.of(after, self.trigger)
         rec.sigma = self.transfer.after_teleport(optimizer, problem.params, displacement.float(), g_prev,
                                                  move.factors)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_
 
-__all__ = ["DROPOUT_LAYERS", "Snapshot", "TaskLossEvaluator", "globalize"]
+__all__ = ["DROPOUT_LAYERS", "Snapshot", "TaskLossEvaluator", "globalize", "keep_buffers"]
 
 #: Layers switched off during a teleport (so every evaluation is one function of the weights).
 DROPOUT_LAYERS: tuple[type[nn.Module], ...] = (
@@ -29,6 +29,19 @@ DROPOUT_LAYERS: tuple[type[nn.Module], ...] = (
 def globalize(local: Tensor) -> Tensor:
     """The DDP mean of ``local`` as value, with ``local``'s own gradient (identity in one process)."""
     return all_reduce_mean(local.detach()) + (local - local.detach())  # value: exactly the mean
+
+
+@contextlib.contextmanager
+def keep_buffers(module: nn.Module) -> Iterator[None]:
+    """Every buffer of ``module`` as it was on entry, afterwards (train-mode forwards update BatchNorm
+    statistics; a teleport's evaluations must not)."""
+    saved = [(b, b.detach().clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
 
 
 class _Method(nn.Module):

@@ -8,12 +8,30 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["balance_ratios", "loss_invariance", "sample_sphere", "sharpness"]
+__all__ = ["ascent_direction", "balance_ratios", "loss_invariance", "relative_drift_penalty", "sample_sphere",
+           "sharpness"]
 
 
 def loss_invariance(losses: Tensor, target: Tensor) -> Tensor:
     """``L_t = (1/K) sum_i |L_i - L_i*|`` (eq. 7); ``target`` (``L*``) is held fixed."""
     return (losses - target.detach()).abs().mean()
+
+
+def relative_drift_penalty(losses: Tensor, target: Tensor, scale: float) -> Tensor:
+    """``(1/K) sum_i ((L_i - L_i*) / (scale |L_i*|))^2``: eq. 7's minimiser with a gradient that grows with
+    the drift (eq. 7's absolute value has a zero subgradient at the start and a constant pull after),
+    the same for every task whatever its loss scale; 1 at a relative drift of ``scale``."""
+    t = target.detach()
+    return (((losses - t) / (scale * t.abs().clamp_min(1e-12))) ** 2).mean()
+
+
+def ascent_direction(grads: Sequence[Tensor], radius: float) -> list[Tensor]:
+    """``radius * g / ||g||`` (joint norm over the tensors): the first-order maximiser of eq. 8 on the
+    sphere, where ``L(theta + eps) - L(theta) = radius ||g||``. Zero gradients give zeros."""
+    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    if norm == 0:
+        return [torch.zeros_like(g) for g in grads]
+    return [(g * (radius / norm)).to(g.dtype) for g in grads]
 
 
 def balance_ratios(grad_norms: Tensor, rule: Literal["softmax", "linear"] = "softmax") -> Tensor:

@@ -140,6 +140,13 @@ class RescaleSymmetry:
                 out.append(_log_factor(s, terms).exp().expand(p.shape))
         return out
 
+    def log_factors(self, log_scales: Tensor) -> list[Tensor | None]:
+        """Per parameter ``log t`` in its compact shape (broadcastable to the parameter's, size 1 along
+        the axes the factor does not vary over: a convolution's kernel axes), ``None`` if untouched."""
+        s = self._extended(log_scales)
+        params, _ = self._indices(s.device)
+        return [None if terms is None else _log_factor(s, terms) for terms in params]
+
     def flat_factors(self, log_scales: Tensor) -> Tensor:
         """``[P]``: the factors flattened and concatenated in ``params`` order."""
         return torch.cat([t.reshape(-1) for t in self.factors(log_scales)])

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator
+from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.records import TeleportRecord
 
 __all__ = ["Move", "TeleportProblem", "TeleportRejected", "Teleporter"]
@@ -42,6 +42,7 @@ class TeleportProblem:
         jacobian: ``[K, P]`` per-task gradients of ``params`` before the teleport.
         generator: the callback's own random stream (never the global one).
         lr: the outer optimizer's learning rate of ``params``.
+        snapshot: the state before the teleport, restored if it is rejected.
     """
 
     module: nn.Module
@@ -52,6 +53,7 @@ class TeleportProblem:
     jacobian: Tensor
     generator: torch.Generator
     lr: float
+    snapshot: Snapshot
 
 
 @dataclass
@@ -91,14 +93,16 @@ class Teleporter(ABC):
     def move(self, problem: TeleportProblem) -> Move:
         """Find the new point and write it into ``problem.params`` in place (same Parameter objects)."""
 
-    def teleport(self, problem: TeleportProblem, snapshot: Snapshot, record: TeleportRecord) -> Move | None:
+    def teleport(self, problem: TeleportProblem, record: TeleportRecord) -> Move | None:
         """Move, verify, and accept or roll back; fills ``record``'s outcome. Returns the move if kept."""
         start = time.perf_counter()
+        snapshot = problem.snapshot
         record.teleporter = self.name
         record.losses_before = problem.target.tolist()
         try:
             move = self.move(problem)
-            losses = self._verify(problem)
+            with keep_buffers(problem.module):
+                losses = self._verify(problem)
         except TeleportRejected as err:
             snapshot.restore_weights()
             snapshot.restore_buffers()
@@ -106,7 +110,6 @@ class Teleporter(ABC):
             return None
         finally:
             snapshot.restore_flags_and_modes()
-        snapshot.restore_buffers()  # the verifying forwards updated BatchNorm statistics
         record.accepted, record.moved = True, snapshot.moved()
         record.losses_after = losses.tolist()
         record.loss_drift = float(((losses - problem.target).abs() / problem.target.abs().clamp_min(1e-12)).max())
