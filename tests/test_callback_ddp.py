@@ -82,3 +82,13 @@ def test_ddp_teleports_at_defaults_are_accepted_on_heterogeneous_ranks_at_batch_
     assert all(r["accepted"] for r in history[:3]), [r["reason"] for r in history]
     assert not history[3]["accepted"]
     assert stderr[0].count("teleport rejected") == 1  # rank zero warns; rank one does not repeat it
+
+
+@pytest.mark.ddp
+def test_ddp_rescale_teleport_leaves_identical_ranks_equal_to_the_one_device_teleport(tmp_path):
+    ddp, one = _run(tmp_path, 2, "rescale"), _run(tmp_path, 1, "rescale")
+    rank1 = torch.load(tmp_path / "devices2_rank1.pt", weights_only=False)
+    assert ddp["history"][0]["moved"] and ddp["history"][0]["loss_drift"] <= 1e-5
+    for a, b, c in zip(ddp["shared"], rank1["shared"], one["shared"], strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-6)

@@ -2,7 +2,7 @@
 
 from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
-from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator
+from lightning_cost.teleport.evaluation import DROPOUT_LAYERS, Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 from lightning_cost.teleport.lora import LoRAConfig, LoRATeleporter
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
@@ -21,6 +21,7 @@ from lightning_cost.teleport.trigger import (
 )
 
 __all__ = [
+    "DROPOUT_LAYERS",
     "TELEPORTERS",
     "TRANSFERS",
     "ConflictTrigger",
@@ -51,6 +52,7 @@ __all__ = [
     "conflict_cosines",
     "conflict_cosines_from_gram",
     "htr_sigma",
+    "keep_buffers",
     "loss_invariance",
     "sample_sphere",
     "sharpness",

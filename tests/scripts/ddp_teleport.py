@@ -4,6 +4,7 @@ usage: python ddp_teleport.py OUT_DIR DEVICES MODE
   DEVICES: 2 (DDP over gloo, batch B per rank) or 1 (one device, batch 2B: the union of the ranks' batches)
   MODE: compare  one teleport at step 0 (B = 16), then stop: the weights it left
         lt_only  the same with L_t alone (eq. 7): no displacement when the objective is the global one
+        rescale  one exact rescaling teleport at step 0 (B = 16): every rank saves its weights
         accept   defaults, B = 8, teleports at steps 1, 3, 5 (all must be accepted) and one at step 7 with a
                  zero tolerance (rejected: its warning must be printed once, not once per rank)
 """
@@ -77,10 +78,11 @@ class Save(L.Callback):
         self.out, self.tele = Path(out), tele
 
     def on_train_end(self, trainer, pl_module):
+        state = {"shared": [p.detach().clone() for p in pl_module.shared_parameters()],
+                 "history": [r.to_dict() for r in self.tele.history]}
         if trainer.global_rank == 0:
-            torch.save({"shared": [p.detach().clone() for p in pl_module.shared_parameters()],
-                        "history": [r.to_dict() for r in self.tele.history]},
-                       self.out / f"devices{trainer.world_size}.pt")
+            torch.save(state, self.out / f"devices{trainer.world_size}.pt")
+        torch.save(state, self.out / f"devices{trainer.world_size}_rank{trainer.global_rank}.pt")
 
 
 def main():
@@ -88,8 +90,8 @@ def main():
     L.seed_everything(0)
     net = TinyMTL(k=3, batchnorm=False)
     per_rank = 8 if mode == "accept" else 16
-    lora = {"use_lg": False} if mode == "lt_only" else {}
-    tele = SymmetryTeleportCallback(teleporter=lora, schedule={"max_per_epoch": None})
+    teleporter = {"use_lg": False} if mode == "lt_only" else ("rescale" if mode == "rescale" else {})
+    tele = SymmetryTeleportCallback(teleporter=teleporter, schedule={"max_per_epoch": None})
     steps, max_steps = ((1, 3, 5, 7), 8) if mode == "accept" else ((0,), 1)
     kw = {"strategy": "ddp"} if devices == 2 else {}
     callbacks = [Force(tele, steps), Strict(tele, 7), tele, Save(out, tele)]
