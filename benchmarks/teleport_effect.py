@@ -204,7 +204,9 @@ def one_teleport(base: Any, batch: Any, variant: str, seed: int) -> dict[str, An
            "seconds": seconds, "teleport_seconds": rec.seconds}
     if not rec.moved:
         return out
+    start = time.perf_counter()
     before = plain_stats(base, batch)
+    out["jacobian_seconds"] = time.perf_counter() - start  # one per-task Jacobian on the batch, for scale
     moved = copy.deepcopy(base)
     _set_shared(moved, capture.weights)
     out.update(compare(before, plain_stats(moved, batch)))
@@ -247,7 +249,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "model": model, "variant": variant, "teleports": len(rows),
                 "accepted": sum(r["accepted"] for r in rows), "moved": len(moved),
                 **{k: _median(moved, k) for k in ("loss_drift", "displacement_rel", "grad_norm_ratio",
-                                                  "min_cos_change", "teleport_seconds")},
+                                                  "min_cos_change", "teleport_seconds", "jacobian_seconds")},
                 "conflicts_before": _median(moved, "conflicts_before"), "conflicts_after": _median(moved, "conflicts_after"),
                 "control_loss_drift": _median(controls, "loss_drift"),
                 "control_grad_norm_ratio": _median(controls, "grad_norm_ratio"),
@@ -258,13 +260,14 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_table(table: list[dict[str, Any]], path: Path, argv: Sequence[str]) -> str:
     head = ["model", "teleporter", "accepted/moved/n", "loss drift", "|dθ|/|θ|", "‖g0‖ ratio", "Δ min cos",
-            "conflicts before→after", "s/teleport", "control: drift", "control: ‖g0‖ ratio", "control: Δ min cos"]
+            "conflicts before→after", "s/teleport (× Jacobian)", "control: drift", "control: ‖g0‖ ratio", "control: Δ min cos"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         lines.append("| " + " | ".join([
             r["model"], r["variant"], f"{r['accepted']}/{r['moved']}/{r['teleports']}", f"{r['loss_drift']:.2e}",
             f"{r['displacement_rel']:.2e}", f"{r['grad_norm_ratio']:.3f}", f"{r['min_cos_change']:+.3f}",
-            f"{r['conflicts_before']:.1f}→{r['conflicts_after']:.1f}", f"{r['teleport_seconds']:.2f}",
+            f"{r['conflicts_before']:.1f}→{r['conflicts_after']:.1f}",
+            f"{r['teleport_seconds']:.2f} (×{r['teleport_seconds'] / r['jacobian_seconds']:.1f})",
             f"{r['control_loss_drift']:.2e}", f"{r['control_grad_norm_ratio']:.3f}",
             f"{r['control_min_cos_change']:+.3f}"]) + " |")
     text = ("Medians over the teleports that moved, measured by plain autograd on the teleport's batch before and "
