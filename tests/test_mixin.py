@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import subprocess
-import sys
-from pathlib import Path
 
 import lightning as L
 import pytest
@@ -370,12 +367,8 @@ def test_fp16_scaler_jacobian_is_unscaled_and_non_finite_steps_go_to_the_scaler(
 
 
 @pytest.mark.ddp
-def test_ddp_ranks_take_identical_decisions_and_end_with_identical_weights(tmp_path):
-    script = Path(__file__).parent / "scripts" / "ddp_run.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "core"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
+def test_ddp_ranks_take_identical_decisions_and_end_with_identical_weights(run_ddp):
+    _, (r0, r1) = run_ddp("core")
     assert len(r0["jacobians"]) == len(r1["jacobians"]) > 0
     for a, b in zip(r0["jacobians"], r1["jacobians"], strict=True):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())  # the same global Jacobian on both ranks

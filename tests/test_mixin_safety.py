@@ -3,10 +3,6 @@ optimization, runs of skipped steps, warnings once per DDP job, and a side-effec
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import lightning as L
 import pytest
 import torch
@@ -104,13 +100,9 @@ def test_default_skip_limit_is_the_larger_of_50_steps_and_a_tenth_of_an_epoch():
 
 
 @pytest.mark.ddp
-def test_ddp_skip_warning_is_printed_once_for_the_job(tmp_path):
+def test_ddp_skip_warning_is_printed_once_for_the_job(run_ddp):
     """Both ranks skip the same step (they read the same global Jacobian); only rank 0 says so."""
-    script = Path(__file__).parent / "scripts" / "ddp_run.py"
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path), "skipwarn"], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt") for i in range(2))
+    proc, (r0, r1) = run_ddp("skipwarn")
     assert r0["skipped"] == r1["skipped"] == 1
     assert proc.stderr.count("skipping the optimizer step") == 1, proc.stderr[-3000:]
 
