@@ -73,8 +73,8 @@ class MultiTaskStep:
             return None
 
     def _mtl_scaler(self) -> Any:
-        trainer = self._mtl_trainer()
-        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
+        """The fp16 ``GradScaler`` of the trainer's precision plugin, or ``None``."""
+        return getattr(getattr(self._mtl_trainer(), "precision_plugin", None), "scaler", None)
 
     def _mtl_loss_scale(self) -> float:
         scaler = self._mtl_scaler()
