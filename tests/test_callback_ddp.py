@@ -62,8 +62,11 @@ def test_ddp_teleport_is_the_one_device_teleport_on_the_global_batch(tmp_path):
     assert ddp["history"][0]["moved"] and one["history"][0]["moved"]
     torch.testing.assert_close(torch.tensor(ddp["history"][0]["losses_before"]),
                                torch.tensor(one["history"][0]["losses_before"]), rtol=1e-5, atol=1e-7)
+    # 50 inner Adam steps amplify the ranks' different summation order to ~1e-5 on weights of ~0.3 that the
+    # teleport moved by ~1e-2 each (a rank-local objective left them 14 % apart, relative)
+    assert ddp["history"][0]["displacement_norm"] == pytest.approx(one["history"][0]["displacement_norm"], rel=1e-3)
     for a, b in zip(ddp["shared"], one["shared"], strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.ddp

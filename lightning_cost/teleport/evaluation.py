@@ -16,7 +16,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.distributed import all_reduce_mean, all_reduce_mean_
+from lightning_cost.distributed import all_reduce_mean
+from lightning_cost.jacobian import JacobianEngine
 
 __all__ = ["DROPOUT_LAYERS", "Snapshot", "TaskLossEvaluator", "globalize", "keep_buffers"]
 
@@ -112,23 +113,20 @@ class TaskLossEvaluator:
         return globalize(torch.stack(outs).mean(dim=0))
 
     def jacobian(self, batches: Sequence[Any], params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """Global task losses ``[K]`` and per-task gradients ``[K, P]`` of ``params`` at the current weights."""
+        """Global task losses ``[K]`` and per-task gradients ``[K, P]`` of ``params`` at the current weights,
+        by the module's own per-task Jacobian engine (``mtl_jacobian_engine``) when it has one."""
+        engine = getattr(self.module, "mtl_jacobian_engine", None) or JacobianEngine()
         flags = [p.requires_grad for p in params]
         for p in params:
             p.requires_grad_(True)
         try:
             with torch.enable_grad():
                 losses = self.local(batches)
-                rows = []
-                for i in range(losses.shape[0]):
-                    grads = torch.autograd.grad(losses[i], list(params), retain_graph=i < losses.shape[0] - 1,
-                                                allow_unused=True)
-                    rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                           for g, p in zip(grads, params, strict=True)]))
+                jacobian = engine.jacobian(losses, params)
         finally:
             for p, f in zip(params, flags, strict=True):
                 p.requires_grad_(f)
-        return all_reduce_mean(losses.detach()), all_reduce_mean_(torch.stack(rows))
+        return all_reduce_mean(losses.detach()), jacobian
 
     def active_dropout(self) -> list[nn.Module]:
         return [m for m in self.module.modules() if isinstance(m, DROPOUT_LAYERS) and m.training]

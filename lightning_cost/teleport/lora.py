@@ -33,8 +33,9 @@ class LoRAConfig:
     Args:
         rank, alpha: LoRA rank and ``lora_alpha`` (scaling ``alpha / rank``; ``None``: ``alpha = rank``).
         inner_steps: Adam steps on ``L_lora`` per teleport.
-        inner_lr: their learning rate; ``None``: the outer optimizer's learning rate of the teleported
-            parameters.
+        inner_lr: their learning rate; ``None``: ``inner_lr_scale`` times the outer optimizer's learning
+            rate of the teleported parameters.
+        inner_lr_scale: see ``inner_lr``.
         lr_schedule: ``"cosine"`` (annealed to 0 over the inner steps, so the search settles on the level
             set) or ``"constant"``.
         gamma: weight of ``L_g`` in eq. 11.
@@ -62,6 +63,7 @@ class LoRAConfig:
     alpha: float | None = None
     inner_steps: int = 50
     inner_lr: float | None = None
+    inner_lr_scale: float = 1.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
     gamma: float = 1.0
     invariance: Literal["absolute", "squared_relative"] = "squared_relative"
@@ -94,6 +96,7 @@ class LoRAConfig:
         check_float("alpha", self.alpha, positive=True, optional=True)
         check_int("inner_steps", self.inner_steps, 1)
         check_float("inner_lr", self.inner_lr, positive=True, optional=True)
+        check_float("inner_lr_scale", self.inner_lr_scale, positive=True)
         check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         check_float("gamma", self.gamma, minimum=0.0)
         check_choice("invariance", self.invariance, ("absolute", "squared_relative"))
@@ -143,7 +146,8 @@ class LoRATeleporter(Teleporter):
         try:
             for p in adapter.lora_parameters():
                 broadcast_(p.data)  # identical on every rank whatever their generators did
-            inner = torch.optim.Adam(adapter.parameters(), lr=cfg.inner_lr if cfg.inner_lr is not None else problem.lr)
+            lr = cfg.inner_lr if cfg.inner_lr is not None else cfg.inner_lr_scale * problem.lr
+            inner = torch.optim.Adam(adapter.parameters(), lr=lr)
             schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, cfg.inner_steps) \
                 if cfg.lr_schedule == "cosine" else None
             with torch.enable_grad(), keep_buffers(problem.module):
