@@ -32,13 +32,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_cost import MultiTaskMixin, SymmetryTeleportCallback
-from lightning_cost.teleport import DROPOUT_LAYERS, LoRAConfig, LoRATeleporter, keep_buffers
+from lightning_cost.teleport import (
+    DROPOUT_LAYERS,
+    LoRAConfig,
+    LoRATeleporter,
+    Teleporter,
+    build_teleporter,
+    keep_buffers,
+)
 
-VARIANTS: dict[str, Callable[[], dict[str, Any]]] = {
-    "lora-paper": lambda: {"teleporter": LoRATeleporter(LoRAConfig.paper())},
-    "lora": lambda: {"teleporter": "lora"},
-    "rescale-conflict": lambda: {"teleporter": {"name": "rescale", "objective": "conflict"}},
-    "rescale-grad_norm": lambda: {"teleporter": {"name": "rescale", "objective": "grad_norm"}},
+VARIANTS: dict[str, Callable[[], Any]] = {
+    "lora-paper": lambda: LoRATeleporter(LoRAConfig.paper()),
+    "lora": lambda: build_teleporter("lora"),
+    "rescale-conflict": lambda: build_teleporter("rescale", objective="conflict"),
+    "rescale-grad_norm": lambda: build_teleporter("rescale", objective="grad_norm"),
 }
 
 
@@ -188,10 +195,14 @@ class _Force(L.Callback):
         self.tele.request_teleport()
 
 
-def one_teleport(base: Any, batch: Any, variant: str, seed: int) -> dict[str, Any]:
-    """Run one forced teleport of ``variant`` on ``batch`` from ``base``; measure it and its control."""
-    module = copy.deepcopy(base)
-    tele = SymmetryTeleportCallback(**VARIANTS[variant](), schedule={"max_per_epoch": None}, seed=seed)
+def one_teleport(base: Any, work: Any, batch: Any, variant: str, teleporter: Teleporter, seed: int
+                 ) -> dict[str, Any]:
+    """Run one forced teleport of ``teleporter`` on ``batch`` from ``base``'s weights (loaded into ``work``,
+    the same module every time, so that a teleporter's traced symmetry is reused as in training);
+    measure it and its control."""
+    module = work
+    module.load_state_dict(base.state_dict())
+    tele = SymmetryTeleportCallback(teleporter=teleporter, schedule={"max_per_epoch": None}, seed=seed)
     capture = _Capture()
     start = time.perf_counter()
     with warnings.catch_warnings():
@@ -313,9 +324,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     results = []
     for model in args.models:
         base, batches = checkpoint(model, args.out, args.data_root)
+        work = copy.deepcopy(base)
         for variant in args.teleporters:
+            teleporter = VARIANTS[variant]()
             for i in range(args.teleports):
-                row = {"model": model, **one_teleport(base, batches[i], variant, seed=i)}
+                row = {"model": model, **one_teleport(base, work, batches[i], variant, teleporter, seed=i)}
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                   if k != "control"}), flush=True)

@@ -156,7 +156,7 @@ def test_resume_with_changed_settings_warns_and_keeps_the_state(tmp_path):
     trainer(max_epochs=1, callbacks=[Force(tele, steps=(2,)), tele, ModelCheckpoint(dirpath=tmp_path, save_last=True)],
             enable_checkpointing=True).fit(TinyMTL(k=2), loader(regression_data(k=2)))
     tele2 = cost(inner_steps=2, gamma=0.5)
-    with pytest.warns(UserWarning, match=r"gamma: 1\.0 -> 0\.5"):
+    with pytest.warns(UserWarning, match=r"gamma: 3\.0 -> 0\.5"):
         trainer(max_epochs=2, callbacks=[tele2]).fit(TinyMTL(k=2), loader(regression_data(k=2)),
                                                      ckpt_path=tmp_path / "last.ckpt")
     assert tele2.num_teleports == tele.num_teleports == 1 and len(tele2.history) == 1

@@ -65,7 +65,7 @@ class LoRAConfig:
     inner_lr: float | None = None
     inner_lr_scale: float = 1.0
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    gamma: float = 1.0
+    gamma: float = 3.0
     invariance: Literal["absolute", "squared_relative"] = "squared_relative"
     drift_scale: float = 0.01
     perturbation: Literal["random", "ascent"] = "ascent"

@@ -164,8 +164,8 @@ class RescaleTeleporter(Teleporter):
         with torch.enable_grad():
             for _ in range(cfg.steps):
                 value = scaled_objective(gram(bound * torch.tanh(u)), cfg.objective, cfg.temperature)
-                if float(value) > best:
-                    best, best_u = float(value), u.detach().clone()
+                if value.item() > best:
+                    best, best_u = value.item(), u.detach().clone()
                 opt.zero_grad()
                 (-value).backward()
                 opt.step()
