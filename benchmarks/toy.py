@@ -1,6 +1,6 @@
 """The 2-task, 2-parameter toy problem (CAGrad / Nash-MTL / FAMO; the COST paper's Fig. 6) in Lightning.
 
-The problem (NOTES.md sec. 4, the same as ``toy.py`` of the CAGrad code)::
+The problem (the same as ``toy.py`` of the CAGrad code)::
 
     x = (x1, x2);  LOWER = 5e-6
     f1 = log(max(|0.5*(-x1-7) - tanh(-x2)|, LOWER)) + 6
@@ -99,15 +99,12 @@ recorded point; ``--replot`` redraws from it) and ``DIR/toy.png``, and prints a 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import logging
 import math
 import os
 import platform
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +113,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import quiet
+from benchmarks.runner.variants import teleport_records
 from lightning_cost import MultiTaskMixin, SymmetryTeleportCallback
 
 __all__ = [
@@ -306,7 +305,7 @@ class TrajectoryRecorder(L.Callback):
                              batch_idx: int) -> None:
         self._x_before = pl_module.x.detach().clone()
         tele = self._teleporter(trainer)
-        self._seen = len(tele.history) if tele is not None else 0
+        self._seen = len(teleport_records(tele)) if tele is not None else 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -314,8 +313,9 @@ class TrajectoryRecorder(L.Callback):
         x = pl_module.x.detach()
         tele = self._teleporter(trainer)
         jumped = False
-        if tele is not None and len(tele.history) > self._seen:
-            for rec in tele.history[self._seen:]:
+        history = teleport_records(tele) if tele is not None else []
+        if len(history) > self._seen:
+            for rec in history[self._seen:]:
                 event = {k: rec[k] for k in ("step", "accepted", "reason", "losses_before", "losses_after",
                                              "conflicts_before", "conflicts_after", "sigma") if k in rec}
                 if rec["accepted"] and self._x_before is not None:
@@ -335,25 +335,6 @@ class TrajectoryRecorder(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------- one run
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence, for one run, what a 2-parameter run triggers by design (no workers, no GPU, solver accuracy,
-    skipped steps and rejected teleports: those are counted in the record). Restores everything after."""
-    names = ("lightning.pytorch", "lightning.fabric", "lightning_cost.mixin", "lightning_cost.teleport.callback")
-    levels = {n: logging.getLogger(n).level for n in names}
-    with warnings.catch_warnings():
-        for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*TPU available.*",
-                        ".*Solution may be inaccurate.*", ".*LeafSpec.*"):
-            warnings.filterwarnings("ignore", pattern)
-        for n in names:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for n, level in levels.items():
-                logging.getLogger(n).setLevel(level)
-
-
 def rescaled_betas(lr: float) -> tuple[float, float]:
     """Adam betas that keep the papers' run (lr ``1e-3``, betas ``(0.9, 0.999)``) in continuous time.
 
@@ -391,7 +372,7 @@ def run_one(method: str, init: Sequence[float], cost: bool, steps: int = DEFAULT
     teleporter = SymmetryTeleportCallback(**cost_settings(steps, **(cost_overrides or {}))) if cost else None
     if teleporter is not None:
         cbs.append(teleporter)
-    with _quiet():
+    with quiet():
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=cbs,

@@ -1,4 +1,4 @@
-"""The COST-cost benchmark (issue 5) runs end to end, tiny, and writes a well-formed JSON, table and plot."""
+"""The COST-cost benchmark runs end to end, tiny, and writes a well-formed JSON, table and plot."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from benchmarks.models import MultiTaskNet
+from benchmarks.models.networks import MultiTaskNet
 from benchmarks.tasks import TaskSpec, make_task_metric, task_loss
 from lightning_cost.mixin import MultiTaskMixin
 
