@@ -62,6 +62,41 @@ def test_cost_variants_are_presets_merged_over_cost_kw() -> None:
         "schedule": {"warmup_epochs": 1, "warmup_fraction": 0.25, "max_per_epoch": 1}}
 
 
+def test_build_teleport_translates_the_grouped_arguments() -> None:
+    """The one place a preset becomes a callback (the callback's own argument names are checked here)."""
+    from benchmarks.runner.variants import build_teleport
+
+    cb = build_teleport({"teleporter": {"name": "lora", "inner_steps": 3, "gamma": 0.1}, "trigger": "any",
+                         "schedule": {"max_per_epoch": 2, "every": 8, "warmup_epochs": 1, "min_steps_between": 4},
+                         "transfer": "keep"}, seed=5)
+    assert (cb.inner_steps, cb.gamma, cb.trigger.rule, cb.seed) == (3, 0.1, "any", 5)
+    assert (cb.max_teleports_per_epoch, cb.teleport_every, cb.warmup_epochs, cb.min_steps_between) == (2, 8, 1, 4)
+    assert cb.use_htr is False and build_teleport({"transfer": "htr"}, 0).use_htr is True
+    default = build_teleport({}, 0)  # the empty preset: the callback's defaults
+    assert default.trigger.rule == "majority" and default.use_htr and default.seed == 0
+    for bad in ({"schedule": {"every_other": 1}}, {"transfer": "teleport"}):
+        with pytest.raises(ValueError):
+            build_teleport(bad, 0)
+
+
+def test_teleport_records_reads_dict_and_dataclass_histories() -> None:
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from benchmarks.runner.variants import teleport_records
+
+    @dataclass
+    class Record:
+        step: int
+        accepted: bool
+        seconds: float
+
+    assert teleport_records(SimpleNamespace(history=[Record(3, True, 0.5)])) == [
+        {"step": 3, "accepted": True, "seconds": 0.5}]
+    assert teleport_records(SimpleNamespace(history=[{"step": 4, "accepted": False}])) == [
+        {"step": 4, "accepted": False}]
+
+
 def test_command_line_dicts_merge_into_the_config_files(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("dataset: yeast\nseeds: [0, 1, 2]\ndata_kw: {batch_size: 64, fractions: [0.6, 0.2, 0.2]}\n"

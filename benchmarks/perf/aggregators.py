@@ -145,11 +145,10 @@ def ours(name: str, jac: Tensor, losses: Tensor) -> Contestant:
     assert isinstance(m, LossWeighting)
     trainable = any(p.requires_grad for p in m.parameters())
 
-    def weighting() -> Tensor:  # MultiTaskMixin._mtl_jacobian_step, loss-weighting branch
-        coeffs = m.loss_weights(losses).to(jac.dtype)
-        d = coeffs @ jac
+    def weighting() -> Tensor:  # the LossWeighting API on a given J: weights, their combination, the step's state
+        d = m.loss_weights(losses).to(jac.dtype) @ jac
         m.observe(losses)
-        if trainable:  # UW: the gradient of its log-variances (the mixin's ``aux`` term)
+        if trainable:  # UW: the gradient of its own parameters (the log-variances) through its objective
             m(losses).backward()
         return d
 

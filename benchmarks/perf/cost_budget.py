@@ -15,7 +15,7 @@ Sections (``--sections``, default ``budget``):
   callback's own option), for ``b`` in ``--budgets`` teleports per epoch, and one curve per
   ``--inner-steps`` value (``T[@LR][:nohtr]``: T inner steps at inner lr LR, optionally without
   HTR). ``cost-default`` is COST exactly as main.yaml configures it (trigger-driven); ``cost-b0``
-  checks the trigger and never teleports. Runs reuse :func:`benchmarks.run.train_one` (the runner's
+  checks the trigger and never teleports. Runs reuse :func:`benchmarks.runner.train.train_one` (the runner's
   module, callbacks, epoch selection and test). Each repeat runs every point once, in a shuffled
   order, and every time ratio divides by the FairGrad run *of the same repeat*; the table gives the
   median over repeats and seeds, and, less noisy, FairGrad's median time plus the run's own
@@ -50,12 +50,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch import Tensor
 
 from benchmarks.common import (
-    BatchTimer,
     finite_mean,
     finite_median,
     load_json,
@@ -64,14 +61,12 @@ from benchmarks.common import (
     text_table,
     write_json,
 )
-from benchmarks.conflicts import ConflictCounter
+from benchmarks.perf.levers import PRESET, summarize_history
 from benchmarks.runner.config import RunnerConfig, config_from_argv
-from benchmarks.runner.variants import build_teleport, deep_merge, teleport_records
+from benchmarks.runner.variants import build_teleport, deep_merge
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "main.yaml"
 TARGET_RATIO = 1.25  # the aim: COST <= 1.25x its base method's training time on MultiMNIST
-#: the COST variant of main.yaml every point starts from
-PRESET = "paper"
 
 _mean, _median = finite_mean, finite_median
 
@@ -171,16 +166,6 @@ def _baselines(dm: Any, cfg: RunnerConfig, seeds: Sequence[int], out: Path, sour
             "seeds": list(seeds)}
 
 
-def _summarize_history(history: list[dict[str, Any]]) -> dict[str, float]:
-    acc = [h for h in history if h.get("accepted")]
-    return {
-        "loss_drift_mean": _mean([h.get("loss_drift") for h in acc]),
-        "displacement_rel_mean": _mean([h.get("displacement_rel") for h in acc]),
-        "grad_norm_ratio_mean": _mean([h["grad_norm_after"] / max(h["grad_norm_before"], 1e-30) for h in acc]),
-        "teleport_s_mean": _mean([h["seconds"] for h in history]),
-    }
-
-
 def _warm_up(dm: Any) -> None:
     """One-off costs (PEFT's import, the first Trainer, first-call allocations) before anything is timed."""
     import peft.tuners.lora  # noqa: F401
@@ -231,7 +216,7 @@ def _run_point(dm: Any, cfg: RunnerConfig, p: dict[str, Any], seed: int, rep: in
            "teleports": r["teleports"], "rejected": r["rejected_teleports"], "teleport_s": r["teleport_seconds"],
            "trigger_ratio": r[f"trigger_ratio_{spec.get('trigger', 'majority') if spec else 'majority'}"],
            "checked_steps": r["checked_steps"], "skipped_steps": r["skipped_steps"],
-           **_summarize_history(r["teleport_history"])}
+           **summarize_history(r["teleport_history"])}
     log(f"    {row['wall_s']:.1f}s, teleports {row['teleports']}, delta_m {row['delta_m']:.2f}")
     write_json(path, row)
     return row
@@ -347,309 +332,6 @@ def plot_budget(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- 2. the levers
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms of each function, the functions run in a shuffled order in every repetition."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    rng = random.Random(0)
-    for _ in range(reps):
-        keys = list(fns)
-        rng.shuffle(keys)
-        for k in keys:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(1e3 * (time.perf_counter() - t))
-    return {k: _median(v) for k, v in times.items()}
-
-
-def _module(dataset: str, method: str, data_kw: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    from benchmarks.models.modules import MTLBenchModule
-    from benchmarks.registry import make_datamodule, make_model
-
-    dm = make_datamodule(dataset, **(data_kw or {}))
-    dm.setup()
-    kw = {"alpha": 2.0} if method == "fairgrad" else {}
-    return dm, MTLBenchModule(make_model(dm), dm.task_specs, method=method, method_kw=kw, lr=1e-3)
-
-
-def lever_forward_paths(dataset: str, data_kw: dict[str, Any], reps: int, n: int = 5) -> dict[str, Any]:
-    """(a) loop vs vmap for the n~ perturbed losses; (e) merged weight vs PEFT's LoRA branch."""
-    from lightning_cost.teleport.adapter import TeleportAdapter
-    from lightning_cost.teleport.objective import balance_ratios, sample_sphere, sharpness
-
-    torch.manual_seed(0)
-    dm, model = _module(dataset, "fairgrad", data_kw)
-    model.train()
-    batch = next(iter(dm.train_dataloader()))
-    shared = model.shared_parameters()
-    ad = TeleportAdapter(model, shared)
-    ad.inject()
-    with torch.no_grad():
-        for p in ad.parameters():
-            p.normal_(0.0, 1e-2)
-    g = torch.Generator().manual_seed(0)
-    draws = [sample_sphere([p.shape for p in shared], 1e-2, g) for _ in range(n)]
-    stacked = [torch.stack(parts) for parts in zip(*draws, strict=True)]
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    params = ad.parameters()
-    fn = model.evaluate_task_losses
-
-    def restore() -> None:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-
-    def loop() -> Tensor:
-        with torch.no_grad():
-            base = ad.overrides()
-            out = torch.stack([ad.call(fn, batch, 0, eps=e, overrides=base) for e in draws])
-        restore()
-        return out
-
-    def batched() -> Tensor:
-        with torch.no_grad():
-            return ad.call_batched(fn, batch, 0, eps=stacked)
-
-    def peft_branch(grad: bool = False) -> Any:
-        for _, layer in ad._lora_layers:
-            layer.enable_adapters(True)
-        try:
-            with torch.set_grad_enabled(grad):
-                losses = fn(batch, 0) if not ad.dense_params else ad.call(fn, batch, 0, overrides={
-                    k: v for k, v in ad.overrides().items() if k not in {key for key, _ in ad._lora_layers}})
-                if grad:
-                    torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        finally:
-            for _, layer in ad._lora_layers:
-                layer.enable_adapters(False)
-            for p in params:
-                p.requires_grad_(True)
-            restore()
-
-    def merged(grad: bool = False) -> Any:
-        with torch.set_grad_enabled(grad):
-            losses = ad.call(fn, batch, 0)
-            if grad:
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        restore()
-
-    a, b = loop(), batched()
-    ratios = balance_ratios(torch.rand(a.shape[1]) + 0.1)
-    lg_loop = max(float(sharpness(x, ratios)) for x in a)
-    lg_vmap = max(float(sharpness(x, ratios)) for x in b)
-    with torch.no_grad():
-        for _, layer in ad._lora_layers:
-            layer.enable_adapters(True)
-        ref = fn(batch, 0) if not ad.dense_params else None
-        for _, layer in ad._lora_layers:
-            layer.enable_adapters(False)
-        for p in params:
-            p.requires_grad_(True)
-        restore()
-        same = ad.call(fn, batch, 0)
-        restore()
-    ms = _interleaved({"perturbed_loop": loop, "perturbed_vmap": batched, "fwd_peft_branch": peft_branch,
-                       "fwd_merged_weight": merged, "fwd_bwd_peft_branch": lambda: peft_branch(True),
-                       "fwd_bwd_merged_weight": lambda: merged(True)}, reps)
-    ad.discard()
-    return {
-        "dataset": dataset, "batch_size": int(batch[0].shape[0]), "num_perturbations": n, "ms": ms,
-        "vmap_over_loop": ms["perturbed_vmap"] / ms["perturbed_loop"],
-        "merged_over_peft_fwd": ms["fwd_merged_weight"] / ms["fwd_peft_branch"],
-        "merged_over_peft_fwd_bwd": ms["fwd_bwd_merged_weight"] / ms["fwd_bwd_peft_branch"],
-        "max_abs_loss_diff_vmap_vs_loop": float((a - b).abs().max()),
-        "lg_loop": lg_loop, "lg_vmap": lg_vmap, "lg_rel_diff": abs(lg_vmap - lg_loop) / max(abs(lg_loop), 1e-30),
-        "max_abs_loss_diff_merged_vs_peft": float((same - ref).abs().max()) if ref is not None else None,
-    }
-
-
-def lever_inner_steps(sizes: dict[str, Any], cfg: RunnerConfig, log: Callable[[str], None]) -> list[dict]:
-    """(b) fewer inner steps, larger inner lr: what a teleport costs and what it does."""
-    rows = []
-    for steps, lr in sizes["lever_grid"]:
-        log(f"  inner steps {steps}, inner lr {lr or 'outer (1e-3)'} ...")
-        L.seed_everything(0, verbose=False)
-        dm, model = _module("multimnist", "fairgrad", cfg.data_kw)
-        n = len(dm.train_dataloader())
-        tele = build_teleport(deep_merge(cfg.spec(PRESET), {
-            "teleporter": {"inner_steps": steps, "inner_lr": lr},
-            "schedule": {"max_per_epoch": None, "every": max(2, n // 4)}}), 0)
-        with quiet(everything=True):
-            quiet_trainer([tele], max_epochs=1).fit(model, dm.train_dataloader())
-        hist = teleport_records(tele)
-        acc = [h for h in hist if h["accepted"]]
-        lt0 = [h["inner_terms"][0][0] for h in acc]
-        lt1 = [h["inner_terms"][-1][0] for h in acc]
-        lg0 = [h["inner_terms"][0][1] for h in acc]
-        lg1 = [h["inner_terms"][-1][1] for h in acc]
-        rows.append({
-            "inner_steps": steps, "inner_lr": lr if lr is not None else cfg.lr,
-            "teleports": len(hist), "accepted": len(acc),
-            "teleport_s_mean": _mean([h["seconds"] for h in hist]),
-            **{k: v for k, v in _summarize_history(hist).items() if k != "teleport_s_mean"},
-            "conflicts_after_mean": _mean([h["conflicts_after"] for h in acc]),
-            "sigma_mean": _mean([h["sigma"] for h in acc]),
-            "lt_final_mean": _mean(lt1), "lt_first_mean": _mean(lt0),
-            "lg_gain_rel_mean": _mean([(b - a) / max(abs(a), 1e-30) for a, b in zip(lg0, lg1, strict=True)]),
-            "first_teleport": {k: acc[0].get(k) for k in ("loss_drift", "displacement_rel", "seconds")} if acc else None,
-        })
-    return rows
-
-
-def lever_step_costs(sizes: dict[str, Any], cfg: RunnerConfig) -> dict[str, Any]:
-    """(c) FairGrad's step with vs without COST's trigger; (d) LS with the exact or the representation trigger.
-
-    Paired design: one run per variant with ``check_every=2``, so the trigger (and, for LS, the Jacobian
-    or the representation gradients it needs) runs on the even steps only; the ratio is the median
-    time of the checked steps over the median of the unchecked ones *of the same run*, which
-    alternate step by step and so see the same machine load. Pooled over ``step_reps`` runs.
-    """
-    from benchmarks.models.modules import MTLBenchModule
-    from benchmarks.registry import make_model
-
-    variants = {
-        "fairgrad+exact_trigger": ("fairgrad", {}),
-        "ls+exact_trigger": ("ls", {}),
-        "ls+rep_trigger_flatten": ("ls", {"trigger_on": "representation"}),
-        "ls+rep_trigger_mean": ("ls", {"trigger_on": "representation", "representation_reduce": "mean"}),
-    }
-    out: dict[str, Any] = {}
-    for dataset in ("multimnist", "yeast"):
-        data_kw = cfg.data_kw if dataset == "multimnist" else {"batch_size": 64}
-        dm, _ = _module(dataset, "ls", data_kw)
-        loader = dm.train_dataloader()
-        rows: dict[str, list[tuple[int, float]]] = {k: [] for k in variants}
-        rng = random.Random(1)
-        for _ in range(sizes["step_reps"]):
-            keys = list(variants)
-            rng.shuffle(keys)
-            for k in keys:
-                method, tele_kw = variants[k]
-                L.seed_everything(0, verbose=False)
-                kw = {"alpha": 2.0} if method == "fairgrad" else {}
-                model = MTLBenchModule(make_model(dm), dm.task_specs, method=method, method_kw=kw, lr=1e-3)
-                tele = build_teleport({"schedule": {"max_per_epoch": 0, "check_every": 2}, **tele_kw}, 0)
-                timer = BatchTimer()
-                with quiet(everything=True):
-                    quiet_trainer([timer, tele], max_steps=2 * sizes["step_batches"] + 2).fit(model, loader)
-                rows[k] += timer.rows[2:]  # the first steps pay one-off costs
-        res = {}
-        for k, rs in rows.items():
-            checked = _median([t for s, t in rs if s % 2 == 0]) * 1e3
-            plain = _median([t for s, t in rs if s % 2 == 1]) * 1e3
-            res[k] = {"checked_step_ms": checked, "unchecked_step_ms": plain, "ratio": checked / plain,
-                      "steps": len(rs)}
-        out[dataset] = {"K": len(dm.task_specs), "batch_size": dm.batch_size, **res}
-    return out
-
-
-# --------------------------------------------------------------------------- 3. agreement
-
-
-def _agreement_counters() -> dict[str, ConflictCounter]:
-    """Per step, the cosines of the exact trigger (the parameter Jacobian) and of the representation
-    trigger (both reductions), each asked of the module on every step."""
-    return {"exact": ConflictCounter(request=True, keep_cosines=True),
-            **{reduce: ConflictCounter(on="representation", reduce=reduce, request=True, keep_cosines=True)
-               for reduce in ("flatten", "mean")}}
-
-
-def _agreement_rows(counters: dict[str, ConflictCounter]) -> list[dict[str, Any]]:
-    """The steps every counter saw, as ``{"exact": cosines, "flatten": ..., "mean": ...}``."""
-    by_step = {name: {s.step: s.cosines for s in c.steps} for name, c in counters.items()}
-    common = sorted(set.intersection(*(set(v) for v in by_step.values())))
-    return [{name: by_step[name][step] for name in counters} for step in common]
-
-
-def _agreement_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from lightning_cost.teleport.trigger import ConflictTrigger
-
-    out: dict[str, Any] = {"steps": len(rows)}
-    if not rows:
-        return out
-    k = len(rows[0]["exact"])
-    for rule in ("majority", "any"):
-        trig = ConflictTrigger(rule)
-        exact = [trig.decide(torch.tensor(r["exact"], dtype=torch.float64)).fire for r in rows]
-        out[rule] = {"exact_fire_rate": _mean([float(e) for e in exact])}
-        for reduce in ("flatten", "mean"):
-            rep = [trig.decide(torch.tensor(r[reduce], dtype=torch.float64)).fire for r in rows]
-            both = sum(a and b for a, b in zip(exact, rep, strict=True))
-            neither = sum((not a) and (not b) for a, b in zip(exact, rep, strict=True))
-            only_exact = sum(a and not b for a, b in zip(exact, rep, strict=True))
-            only_rep = sum(b and not a for a, b in zip(exact, rep, strict=True))
-            n = len(rows)
-            out[rule][reduce] = {
-                "both_fire": both / n, "both_silent": neither / n, "exact_only": only_exact / n,
-                "rep_only": only_rep / n, "agreement": (both + neither) / n, "rep_fire_rate": (both + only_rep) / n,
-                "recall": both / (both + only_exact) if both + only_exact else float("nan"),
-                "precision": both / (both + only_rep) if both + only_rep else float("nan"),
-            }
-    ex = torch.tensor([r["exact"] for r in rows], dtype=torch.float64)
-    for reduce in ("flatten", "mean"):
-        rp = torch.tensor([r[reduce] for r in rows], dtype=torch.float64)
-        sign = ((ex < 0) == (rp < 0)).double().mean()
-        a, b = ex.flatten() - ex.mean(), rp.flatten() - rp.mean()
-        corr = float((a @ b) / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else float("nan")
-        out[f"task_sign_agreement_{reduce}"] = float(sign)
-        out[f"cosine_correlation_{reduce}"] = corr
-    out["K"] = k
-    return out
-
-
-def _synthetic(k: int = 4, n: int = 4096, d: int = 16, width: int = 2, seed: int = 0) -> tuple[Any, Any]:
-    """K regression tasks ``y_i = s_i tanh(x . w_i)`` (independent ``w_i``, task 0 twice as large) through a
-    ``width``-unit shared bottleneck: the tasks compete for the representation, so conflicts are frequent
-    (measured with LS: the exact ceil(K/2) rule fires on ~40 % of the first 150 steps, the any-task rule
-    on ~80 %)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from benchmarks.models import MultiTaskNet, make_heads, mlp
-    from benchmarks.models.modules import MTLBenchModule
-    from benchmarks.tasks import TaskSpec
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    ys = []
-    for i in range(k):
-        w = torch.randn(d, generator=g)
-        ys.append((2.0 if i == 0 else 1.0) * torch.tanh(x @ w) + 0.1 * torch.randn(n, generator=g))
-    specs = [TaskSpec.regression(f"t{i}") for i in range(k)]
-    net = MultiTaskNet(mlp(d, (32, width), batchnorm=False), make_heads(specs, width))
-    model = MTLBenchModule(net, specs, method="ls", lr=1e-3)
-    return model, DataLoader(TensorDataset(x, torch.stack(ys, 1)), batch_size=32, shuffle=True, generator=g)
-
-
-def bench_agreement(sizes: dict[str, Any], cfg: RunnerConfig, log: Callable[[str], None]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    runs = [
-        ("multimnist", "fairgrad", cfg.data_kw, cfg.epochs, sizes["agree_mm_batches"]),
-        ("yeast", "fairgrad", {"batch_size": 64}, sizes["yeast_epochs"], None),
-    ]
-    for dataset, method, data_kw, epochs, limit in runs:
-        log(f"  {dataset} ({method}) ...")
-        L.seed_everything(0, verbose=False)
-        dm, model = _module(dataset, method, data_kw)
-        counters = _agreement_counters()
-        kw = {"limit_train_batches": limit} if limit else {}
-        with quiet(everything=True):
-            quiet_trainer(list(counters.values()), max_epochs=epochs, **kw).fit(model, dm.train_dataloader())
-        out[dataset] = {"method": method, "epochs": epochs, **_agreement_stats(_agreement_rows(counters))}
-    log("  synthetic (ls, K=4) ...")
-    L.seed_everything(0, verbose=False)
-    model, loader = _synthetic()
-    counters = _agreement_counters()
-    with quiet(everything=True):
-        quiet_trainer(list(counters.values()), max_steps=sizes["agree_synth_steps"]).fit(model, loader)
-    out["synthetic"] = {"method": "ls", **_agreement_stats(_agreement_rows(counters))}
-    return out
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -732,6 +414,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         plot_budget(res["budget"], out / "cost_budget.png")
     cfg = runner_config(args.quick, args.threads)
     if "levers" in args.sections:
+        from benchmarks.perf.levers import lever_forward_paths, lever_inner_steps, lever_step_costs
+
         log("2. levers ...")
         mm_kw = dict(cfg.data_kw)
         res["levers"] = {
@@ -741,6 +425,8 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         res["levers"]["inner_steps"] = lever_inner_steps(sizes, cfg, log)
         res["levers"]["step_costs"] = lever_step_costs(sizes, cfg)
     if "agreement" in args.sections:
+        from benchmarks.perf.agreement import bench_agreement
+
         log("3. agreement ...")
         res["agreement"] = bench_agreement(sizes, cfg, log)
     res["meta"]["seconds"] = time.perf_counter() - start

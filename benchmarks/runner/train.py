@@ -8,6 +8,9 @@ lr schedule) is the same for single-task baselines and multi-task runs.
 Paired seeds: every run of seed ``s`` builds its callbacks first and only then seeds everything and
 builds the model, so a "+ COST" run starts from the base run's initialisation and sees the same data
 order and dropout draws; nothing the COST run adds touches the global random state before training.
+Where the trigger never fires, a gradient method's "+ COST" run is its base run bit for bit (a loss
+weighting with COST takes its update from the per-task Jacobian the trigger needs instead of one
+backward, which rounds differently).
 """
 
 from __future__ import annotations
