@@ -2,8 +2,17 @@
 
 __version__ = "0.1.0"
 
-from lightning_cost.mixin import MultiTaskMixin
+from lightning_cost.jacobian import JacobianEngine
+from lightning_cost.mixin import MultiTaskMixin, TrainingStalledError
 from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
 
-__all__ = ["MultiTaskMixin", "MultiTaskModule", "StepRecord", "SymmetryTeleportCallback", "__version__"]
+__all__ = [
+    "JacobianEngine",
+    "MultiTaskMixin",
+    "MultiTaskModule",
+    "StepRecord",
+    "SymmetryTeleportCallback",
+    "TrainingStalledError",
+    "__version__",
+]

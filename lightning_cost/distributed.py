@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["all_reduce_mean", "broadcast_", "is_distributed", "world_size"]
+__all__ = ["all_reduce_mean", "all_reduce_mean_", "broadcast_", "is_distributed", "rank", "warn_rank_zero", "world_size"]
 
 
 def is_distributed() -> bool:
@@ -15,6 +18,23 @@ def is_distributed() -> bool:
 
 def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """This process's global rank (0 in a single process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def warn_rank_zero(logger: logging.Logger, msg: str, *args: Any) -> None:
+    """Log a warning once per job: on global rank 0 at WARNING, on the other ranks at DEBUG.
+
+    Every rank of a DDP job takes the same decisions (they read the same averaged Jacobian), so a
+    warning about one (a skipped step, a fallback) would otherwise be printed once per rank.
+    """
+    if rank() == 0:
+        logger.warning(msg, *args)
+    else:
+        logger.debug(msg, *args)
 
 
 def all_reduce_mean(tensor: Tensor) -> Tensor:

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[bench]"
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[bench,nashmtl]"
 exec .venv/bin/python -m benchmarks.run --config benchmarks/configs/main.yaml "$@"

@@ -1,6 +1,7 @@
 """The 13 multi-task methods the paper compares (Sec. 5), one module each, and a registry.
 
-``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive).
+``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive); the classes
+are importable from here too (``from lightning_cost.aggregators import FairGrad, MGDA``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,21 @@ _ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl"
 
 AVAILABLE = tuple(_REGISTRY)
 
+#: class name -> module, for ``from lightning_cost.aggregators import FairGrad`` (resolved lazily).
+_CLASSES = {cls: module for module, cls in _REGISTRY.values()}
+
+
+def __getattr__(name: str) -> type:
+    """The method classes, imported on first access (PEP 562) so that importing this package stays
+    cheap and Nash-MTL's solver stack is only imported where Nash-MTL is used."""
+    if name in _CLASSES:
+        return getattr(importlib.import_module(_CLASSES[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CLASSES))
+
 
 def _key(name: str) -> str:
     key = name.strip().lower()
@@ -61,6 +77,19 @@ def build_aggregator(name: str, **hparams) -> Aggregator | LossWeighting:
 
 __all__ = [
     "AVAILABLE",
+    "CAGrad",
+    "DWA",
+    "FAMO",
+    "FairGrad",
+    "GradDrop",
+    "IMTLG",
+    "LinearScalarization",
+    "MGDA",
+    "NashMTL",
+    "PCGrad",
+    "RLW",
+    "ScaleInvariant",
+    "UncertaintyWeighting",
     "AggregationError",
     "Aggregator",
     "GramianAggregator",

@@ -7,8 +7,8 @@ import torch
 from scipy.optimize import brentq
 from torch import Tensor
 
+from lightning_cost.aggregators._common import gramian_as_float64, min_norm_weights, weights_like
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, min_norm_weights, weights_like
 
 __all__ = ["CAGrad"]
 
@@ -31,7 +31,7 @@ class CAGrad(GramianAggregator):
     Solver (exact, Gramian only). With ``s = sqrt(phi)`` and ``sqrt(q) = min_{t>0} q/(2t) + t/2``,
     ``min_w F`` equals ``min_{t>0} [min_w (s/2t) ||g_w + (t/s) g0||^2 + const(t)]``: for fixed
     ``t`` the inner problem is the MGDA min-norm problem for the shifted gradients
-    ``g_i + (t/s) g0`` (solved exactly by :func:`~lightning_cost.aggregators.mgda.min_norm_weights`
+    ``g_i + (t/s) g0`` (solved exactly by :func:`~lightning_cost.aggregators._common.min_norm_weights`
     on their Gramian), and the outer optimum is the root of the monotone function
     ``t - ||g_w(t)||``, found by Brent's method to machine precision.
 

@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_cost.aggregators._common import seeded_generator
 from lightning_cost.aggregators.base import Aggregator, check_jacobian, check_jacobian_shape
-from lightning_cost.aggregators.pcgrad import seeded_generator
 
 __all__ = ["GradDrop"]
 

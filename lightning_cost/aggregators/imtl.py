@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from torch import Tensor
 
+from lightning_cost.aggregators._common import gramian_as_float64, require_nonzero_norms, weights_like
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms, weights_like
 
 __all__ = ["IMTLG"]
 

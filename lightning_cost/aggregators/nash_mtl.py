@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
+from lightning_cost.aggregators._common import gramian_as_float64, require_nonzero_norms, weights_like
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, require_nonzero_norms, weights_like
 
 __all__ = ["NashMTL"]
 
 #: A CCP iterate is accepted when max_i |alpha_i (G alpha)_i - 1| is below this after max_iter steps.
 _ACCEPT = 1e-3
+
+
+#: The optional extra that installs Nash-MTL's solver stack.
+INSTALL_HINT = "pip install 'lightning-cost[nashmtl]'"
+
+
+def _require_solver_packages(solver: str) -> None:
+    """Raise an ImportError naming the ``nashmtl`` extra when cvxpy (or ECOS, for ``solver="ECOS"``)
+    is missing: Nash-MTL's convex sub-problems need them, the other methods do not."""
+    needed = ["cvxpy"] + (["ecos"] if solver.upper() == "ECOS" else [])
+    for name in needed:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ImportError(f"Nash-MTL needs {' and '.join(needed)} ({name} is missing): {INSTALL_HINT}") from err
 
 
 class _CCPProblem:
@@ -48,18 +64,22 @@ class NashMTL(GramianAggregator):
     where ``grad Phi(a) = 1/a + G (1 / (G a))``. It stops when
     ``max_i |a_i (G a)_i - 1| <= tol``, when the iterate stops moving, or after
     ``max_iter`` steps. Each step is solved by cvxpy with ``solver`` (ECOS, as the authors).
-    The previous call's ``alpha`` is the starting point (ones at the first call). If
+    The previous call's solution is the starting point (ones at the first call). If
     ``Phi`` is undefined there (some ``(G a)_i <= 0``, common when a task conflicts with
     the others), the start is replaced by the feasible point ``argmin sum(a)`` s.t.
     ``phi_i(a) >= 0`` (one extra solve); starting from ones regardless fails often.
 
-    Gramian normalisation: the system is always solved for ``G_n = G / ||G||_F`` (for
-    conditioning, as the authors' code). If ``a_n`` solves it, ``a* = a_n / sqrt(||G||_F)``
-    solves the unnormalised system ``a_i (G a)_i = 1``. With ``normalize_gramian=True``
-    (default, the authors' choice) ``a_n`` is returned: the direction is the Nash
-    direction, its length is ``sqrt(||G||_F)`` times larger, ``a_n,i (G a_n)_i = ||G||_F``,
-    and the weights are invariant under ``J -> cJ``. With ``normalize_gramian=False``
-    ``a*`` is returned (``d`` is then invariant under ``J -> cJ``).
+    Gramian normalisation: the CCP runs on the cosine matrix ``C = D^-1 G D^-1``
+    (``D = diag ||g_i||``): if ``b`` solves ``b_i (C b)_i = 1``, then ``a* = D^-1 b`` solves
+    ``a_i (G a)_i = 1`` exactly. So the solve is invariant to each task's gradient scale: a task
+    whose loss is scaled by ``s`` changes ``G``'s conditioning by up to ``s^2`` but leaves ``C``
+    as it is (the authors' code solves for ``G / ||G||_F``, on which the convex sub-problems fail
+    once the gradient norms differ by orders of magnitude). With ``normalize_gramian=True``
+    (default, the authors' choice) the solution for ``G_n = G / ||G||_F`` is returned,
+    ``a_n = a* sqrt(||G||_F)``: the direction is the Nash direction, its length is
+    ``sqrt(||G||_F)`` times larger, ``a_n,i (G a_n)_i = ||G||_F``, and the weights are invariant
+    under ``J -> cJ``. With ``normalize_gramian=False`` ``a*`` is returned (``d`` is then
+    invariant under ``J -> cJ``, and under each task's scale separately).
 
     The authors' code also clips the gradient norm (``max_norm``); that is an optimizer
     setting (Lightning's ``gradient_clip_val``) and is not applied here.
@@ -76,6 +96,8 @@ class NashMTL(GramianAggregator):
     so it raises a ``ValueError`` naming the task. A missing solver, a solver error or a
     non-optimal status (e.g. infeasible for ``g_2 = -g_1``), and a final residual above
     ``1e-3``, raise :class:`AggregationError`; there is no fallback to equal weights.
+    cvxpy (and ECOS for the default solver) come with the optional extra ``nashmtl``; without
+    them the constructor raises an ``ImportError`` saying so.
     """
 
     validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
@@ -93,19 +115,18 @@ class NashMTL(GramianAggregator):
             raise ValueError("max_iter and update_weights_every must be >= 1")
         self.max_iter = int(max_iter)
         self.update_weights_every = int(update_weights_every)
+        _require_solver_packages(solver)
         self.solver = solver
         self.normalize_gramian = bool(normalize_gramian)
         self.tol = float(tol)
         self._problems: dict[int, _CCPProblem] = {}
-        self._prev_alpha: np.ndarray | None = None  # the last solution for G / ||G||_F
+        self._prev_alpha: np.ndarray | None = None  # the last solution for G / ||G||_F (also the next start)
         self._last_scale = 1.0
         self._step = 0
 
     def _problem(self, k: int) -> _CCPProblem:
-        try:
-            import cvxpy as cp
-        except ImportError as err:  # pragma: no cover - cvxpy is a hard dependency
-            raise AggregationError(f"Nash-MTL needs cvxpy, which cannot be imported: {err}") from err
+        import cvxpy as cp  # present: the constructor checked
+
         if self.solver not in cp.installed_solvers():
             raise AggregationError(
                 f"Nash-MTL: cvxpy solver {self.solver!r} is not installed (installed: {cp.installed_solvers()})"
@@ -158,11 +179,14 @@ class NashMTL(GramianAggregator):
         reuse = self._step % self.update_weights_every != 0
         self._step += 1
         if not (reuse and self._prev_alpha is not None and self._prev_alpha.shape == (k,)):
-            require_nonzero_norms(g, "Nash-MTL", "(G alpha)_i = 1 / alpha_i then has no solution")
-            # Always solve on G / ||G||_F for conditioning; alpha* = alpha_n / sqrt(||G||_F).
-            fro = float(np.linalg.norm(g))
-            self._prev_alpha = self.solve(g / fro, self._prev_alpha)
-            self._last_scale = 1.0 if self.normalize_gramian else 1.0 / np.sqrt(fro)
+            norms = require_nonzero_norms(g, "Nash-MTL", "(G alpha)_i = 1 / alpha_i then has no solution")
+            # Solve on the cosines C = D^-1 G D^-1: alpha* = b / norms, alpha_n = alpha* sqrt(||G||_F).
+            root_fro = float(np.sqrt(np.linalg.norm(g)))
+            prev = self._prev_alpha
+            start = prev * norms / root_fro if prev is not None and prev.shape == (k,) else None
+            b = self.solve(g / np.outer(norms, norms), start)
+            self._prev_alpha = b / norms * root_fro
+            self._last_scale = 1.0 if self.normalize_gramian else 1.0 / root_fro
         return weights_like(self._prev_alpha * self._last_scale, gramian)
 
     def __getstate__(self) -> dict[str, Any]:

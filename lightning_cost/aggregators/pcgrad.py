@@ -8,20 +8,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_cost.aggregators._common import gramian_as_float64, seeded_generator, weights_like
 from lightning_cost.aggregators.base import GramianAggregator
-from lightning_cost.aggregators.mgda import gramian_as_float64, weights_like
 
-__all__ = ["PCGrad", "seeded_generator"]
-
-
-def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed``, or non-deterministically when ``None``."""
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
+__all__ = ["PCGrad"]
 
 
 #: Up to this many tasks the projections run on Python floats (numpy's per-call cost dominates there).

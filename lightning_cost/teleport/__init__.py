@@ -1,9 +1,18 @@
-"""The pieces of COST's teleport: trigger (eqs. 3-4), objective (eqs. 7-11), adapter, HTR (eqs. 12-13)."""
+"""COST's teleport in parts: when (trigger, schedule), how (teleporters), after (state transfer), records."""
 
 from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
+from lightning_cost.teleport.evaluation import DROPOUT_LAYERS, Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
+from lightning_cost.teleport.lora import LoRAConfig, LoRATeleporter
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
+from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
+from lightning_cost.teleport.registry import TELEPORTERS, build_teleporter
+from lightning_cost.teleport.rescale import RescaleConfig, RescaleTeleporter
+from lightning_cost.teleport.schedule import TeleportSchedule
+from lightning_cost.teleport.symmetry import NoSymmetryError, RescaleSymmetry, ScaleGroup
+from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem, TeleportRejected
+from lightning_cost.teleport.transfer import TRANSFERS, StateTransfer
 from lightning_cost.teleport.trigger import (
     ConflictTrigger,
     TriggerResult,
@@ -12,15 +21,38 @@ from lightning_cost.teleport.trigger import (
 )
 
 __all__ = [
+    "DROPOUT_LAYERS",
+    "TELEPORTERS",
+    "TRANSFERS",
     "ConflictTrigger",
+    "GradientStats",
+    "LoRAConfig",
+    "LoRATeleporter",
+    "Move",
+    "NoSymmetryError",
+    "RescaleConfig",
+    "RescaleSymmetry",
+    "RescaleTeleporter",
+    "ScaleGroup",
+    "Snapshot",
+    "StateTransfer",
     "SymmetryTeleportCallback",
+    "TaskLossEvaluator",
     "TeleportAdapter",
+    "TeleportLog",
+    "TeleportProblem",
+    "TeleportRecord",
+    "TeleportRejected",
+    "TeleportSchedule",
+    "Teleporter",
     "TriggerResult",
     "apply_htr",
     "balance_ratios",
+    "build_teleporter",
     "conflict_cosines",
     "conflict_cosines_from_gram",
     "htr_sigma",
+    "keep_buffers",
     "loss_invariance",
     "sample_sphere",
     "sharpness",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import warnings
 from collections.abc import Sequence
 
@@ -10,8 +9,6 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["apply_htr", "htr_sigma"]
-
-log = logging.getLogger(__name__)
 
 
 def htr_sigma(delta: Tensor, grad: Tensor) -> float:
@@ -31,32 +28,11 @@ def apply_htr(
 
     Call it right before the first optimizer step after a teleport, with the step's gradients in
     ``p.grad`` (unscaled). ``sigma`` is clipped to ``[0, 1]``: ``sigma <= 0`` means the jump
-    disagrees with the past trajectory and the history is discarded (the authors' code creates
-    a fresh Adam in that case); the moments then restart from the coming gradient and can never
-    turn negative or NaN.
+    disagrees with the past trajectory and the history is discarded (the authors' code creates a
+    fresh Adam then); the moments restart from the coming gradient and never turn negative or NaN.
 
-    * Adam / AdamW: eq. 13 asks for the moment updates ``m_t = s b1 m + (1 - s b1) g`` and
-      ``v_t = s b2 v + (1 - s b2) g^2``, for these parameters only (heads keep their history) and
-      without touching the param group's betas.
-
-      ``bias_corrected=False`` writes ``m <- s m + (1 - s) g`` and ``v <- s v + (1 - s) g^2``
-      before the ordinary step with ``(b1, b2)``: the raw moments are exactly eq. 13's, but Adam
-      still divides them by ``1 - b^(t+1)``, which assumes an average started from zero. Eq. 13's
-      moments have total weight ``M = s b (1 - b^t) + 1 - s b = 1 - s b^(t+1)``, close to 1 even
-      early in training, so ``v_hat`` is inflated by ``M / (1 - b2^(t+1))`` (about x100 at ``t = 8``
-      for the ``s`` of 0.13 measured on MultiMNIST) and every later step of the shared weights
-      shrinks by its square root for hundreds of steps. Measured on the main MultiMNIST run
-      (64 steps, FairGrad, 4 forced teleports per epoch): test accuracies 0.42 / 0.50 with raw HTR,
-      0.70 / 0.64 without HTR (``benchmarks/perf/cost_budget.py`` has the curves).
-
-      ``bias_corrected=True`` (default) applies eq. 13 to the *bias-corrected* moments: after the
-      step, Adam's ``m_hat`` is eq. 13's ``m_t`` divided by its own total weight
-      ``M = 1 - s b1^(t+1)`` (and likewise ``v_hat``). Solving for the stored moment gives
-      ``m <- (s (1 - b1^(t+1)) m + (1 - s) (1 - b1^t) g) / (1 - s b1^(t+1))`` (non-negative
-      weights, so ``v`` stays non-negative; no division by ``b``, so ``b1 = 0`` works). For ``t -> inf`` (the
-      paper's 200-epoch runs) this is exactly the raw rule; ``s = 1`` leaves the state untouched;
-      ``s = 0`` gives ``m_hat = g``, ``v_hat = g^2``, the first step of a fresh Adam (what the
-      authors' code does for ``s <= 0``). ``amsgrad``'s running maximum is left as it is.
+    * Adam / AdamW (:func:`_htr_adam`): eq. 13's moments for these parameters only (heads keep their
+      history), without touching the param group's betas.
     * SGD with momentum: the buffer ``b`` becomes ``s b``, so the step uses ``s mu b + g``.
     * Any other optimizer: a warning; its state is left unchanged.
 
@@ -64,21 +40,7 @@ def apply_htr(
     """
     s = min(max(float(sigma), 0.0), 1.0)
     if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        betas = {id(p): group["betas"] for group in optimizer.param_groups for p in group["params"]}
-        for p in params:
-            state = optimizer.state.get(p)
-            if not state or p.grad is None or "exp_avg" not in state:
-                continue
-            g = p.grad.detach().to(state["exp_avg"].dtype)
-            if not bias_corrected:
-                state["exp_avg"].mul_(s).add_(g, alpha=1.0 - s)
-                state["exp_avg_sq"].mul_(s).addcmul_(g, g, value=1.0 - s)
-                continue
-            t = float(state["step"])
-            b1, b2 = (float(b) for b in betas[id(p)])
-            for key, b, x in (("exp_avg", b1, g), ("exp_avg_sq", b2, g * g)):
-                mass = 1.0 - s * b ** (t + 1)  # total weight of eq. 13's moment after the step
-                state[key].mul_(s * (1.0 - b ** (t + 1)) / mass).add_(x, alpha=(1.0 - s) * (1.0 - b**t) / mass)
+        _htr_adam(optimizer, params, s, bias_corrected)
         return "adam"
     if isinstance(optimizer, torch.optim.SGD):
         for p in params:
@@ -91,3 +53,37 @@ def apply_htr(
         stacklevel=2,
     )
     return "none"
+
+
+@torch.no_grad()
+def _htr_adam(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter], s: float, bias_corrected: bool) -> None:
+    """Eq. 13 on Adam's moments: ``m_t = s b1 m + (1 - s b1) g``, ``v_t = s b2 v + (1 - s b2) g^2``.
+
+    ``bias_corrected=False`` writes ``m <- s m + (1 - s) g`` (and likewise ``v``) before the ordinary
+    step with ``(b1, b2)``: the raw moments are exactly eq. 13's, but Adam still divides them by
+    ``1 - b^(t+1)``, which assumes an average started from zero, while eq. 13's moments have total
+    weight ``M = 1 - s b^(t+1)``, close to 1 even early in training; ``v_hat`` is then inflated by
+    ``M / (1 - b2^(t+1))`` and every later step of these weights shrinks for hundreds of steps.
+
+    ``bias_corrected=True`` applies eq. 13 to the *bias-corrected* moments: after the step Adam's
+    ``m_hat`` is eq. 13's ``m_t`` over its own total weight ``M = 1 - s b1^(t+1)``. Solving for the
+    stored moment: ``m <- (s (1 - b1^(t+1)) m + (1 - s) (1 - b1^t) g) / (1 - s b1^(t+1))`` (non-negative
+    weights; no division by ``b``, so ``b1 = 0`` works). For ``t -> inf`` (the paper's 200-epoch runs)
+    this is the raw rule; ``s = 1`` leaves the state untouched; ``s = 0`` gives ``m_hat = g``,
+    ``v_hat = g^2``, the first step of a fresh Adam. ``amsgrad``'s running maximum is left as it is.
+    """
+    betas = {id(p): group["betas"] for group in optimizer.param_groups for p in group["params"]}
+    for p in params:
+        state = optimizer.state.get(p)
+        if not state or p.grad is None or "exp_avg" not in state:
+            continue
+        g = p.grad.detach().to(state["exp_avg"].dtype)
+        if not bias_corrected:
+            state["exp_avg"].mul_(s).add_(g, alpha=1.0 - s)
+            state["exp_avg_sq"].mul_(s).addcmul_(g, g, value=1.0 - s)
+            continue
+        t = float(state["step"])
+        b1, b2 = (float(b) for b in betas[id(p)])
+        for key, b, x in (("exp_avg", b1, g), ("exp_avg_sq", b2, g * g)):
+            mass = 1.0 - s * b ** (t + 1)  # total weight of eq. 13's moment after the step
+            state[key].mul_(s * (1.0 - b ** (t + 1)) / mass).add_(x, alpha=(1.0 - s) * (1.0 - b**t) / mass)

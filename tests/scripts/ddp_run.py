@@ -1,6 +1,6 @@
 """Run a 2-process CPU DDP fit (gloo) and save each rank's final state; used by the tests.
 
-usage: python ddp_run.py OUT_DIR MODE   (MODE: core | teleport | representation)
+usage: python ddp_run.py OUT_DIR MODE   (MODE: core | teleport | representation | skipwarn)
 """
 
 import sys
@@ -65,8 +65,8 @@ class Save(L.Callback):
             self.jacobians.append(pl_module.mtl_step.jacobian.clone())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.tele is not None and self.tele.trigger_on == "parameters" and trainer.global_step == 3:
-            self.tele.force_next = True
+        if self.tele is not None and self.tele.trigger.on == "parameters" and trainer.global_step == 3:
+            self.tele.request_teleport()
 
     def on_train_end(self, trainer, pl_module):
         opt = trainer.optimizers[0]
@@ -77,7 +77,7 @@ class Save(L.Callback):
             "opt_state": state,
             "jacobians": self.jacobians,
             "skipped": pl_module.mtl_skipped_steps,
-            "history": self.tele.history if self.tele is not None else None,
+            "history": [r.to_dict() for r in self.tele.history] if self.tele is not None else None,
             "decisions": getattr(self.tele, "decisions", None),
             "local_rep_jacobian": pl_module.mtl_step.representation_jacobian,
         }, Path(self.out) / f"rank{trainer.global_rank}.pt")
@@ -90,19 +90,21 @@ def main():
     tele = None
     callbacks = []
     if mode == "teleport":
-        tele = SymmetryTeleportCallback(inner_steps=3, num_perturbations=2, max_teleports_per_epoch=None)
+        tele = SymmetryTeleportCallback(teleporter={"inner_steps": 3, "num_perturbations": 2},
+                                        schedule={"max_per_epoch": None})
         callbacks.append(tele)
     elif mode == "representation":  # the trigger on each rank's own samples; it must decide the same everywhere
-        tele = SymmetryTeleportCallback(trigger_on="representation", inner_steps=2, num_perturbations=2,
-                                        max_teleports_per_epoch=None, min_steps_between=2, loss_tolerance=1.0)
+        tele = SymmetryTeleportCallback(trigger={"on": "representation"},
+                                        teleporter={"inner_steps": 2, "num_perturbations": 2, "loss_tolerance": 1.0},
+                                        schedule={"max_per_epoch": None, "min_steps_between": 2})
         tele.decisions = []
         tele.trigger = LowCosine(tele.decisions)
         callbacks.append(tele)
-    else:
+    else:  # core; skipwarn: the same NaN on rank 1 makes both ranks skip step 2, and only rank 0 may warn
         net.nan_at_step = 2
     callbacks.append(Save(out, tele))
-    fit = trainer(max_steps=10 if mode == "representation" else 6, callbacks=callbacks, strategy="ddp", devices=2,
-                  accumulate_grad_batches=2 if mode == "core" else 1)
+    fit = trainer(max_steps=10 if mode == "representation" else 4 if mode == "skipwarn" else 6, callbacks=callbacks,
+                  strategy="ddp", devices=2, accumulate_grad_batches=2 if mode == "core" else 1)
     fit.fit(net, loader(regression_data(k=3), batch_size=16, shuffle=True))
 
 

@@ -1,0 +1,95 @@
+"""Controls for the teleport ablation: what a teleport does besides teleporting, one piece at a time.
+
+A forced teleport (i) moves the shared weights, (ii) drops the teleporting batch's optimizer step and
+(iii) rewrites the optimizer state of the shared weights (HTR, transport, reset). To tell which piece
+changes the result, each control does one of them at the same steps (``TeleportSchedule.every``):
+
+* :class:`DropSteps`: drops the step only (the weights and the optimizer state are untouched);
+* :class:`ResetState`: forgets the optimizer state of the shared weights only (the step is taken);
+* :class:`RandomMove`: a teleporter that moves the shared weights by a random direction of a given
+  relative size (so, through the callback: move + dropped step + the chosen state transfer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_cost.teleport import Move, Teleporter, TeleportProblem, TeleportSchedule
+
+__all__ = ["CONTROLS", "DropSteps", "RandomMove", "RandomMoveConfig", "ResetState", "build_control"]
+
+
+class _AtScheduledSteps(L.Callback):
+    """Acts in ``on_before_optimizer_step`` at the steps where ``schedule`` forces a teleport."""
+
+    def __init__(self, every: int) -> None:
+        self.schedule = TeleportSchedule(every=every, max_per_epoch=None)
+        self.count = 0
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: Any, optimizer: Any) -> None:
+        if self.schedule.forces(trainer.global_step):
+            self.count += 1
+            self.act(pl_module, optimizer)
+
+    def act(self, pl_module: Any, optimizer: Any) -> None:
+        raise NotImplementedError
+
+
+class DropSteps(_AtScheduledSteps):
+    """Drop the optimizer step (every gradient), as a teleport does, and nothing else."""
+
+    def act(self, pl_module: Any, optimizer: Any) -> None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+
+class ResetState(_AtScheduledSteps):
+    """Forget the optimizer state of the shared weights, as ``transfer="reset"`` does, and nothing else."""
+
+    def act(self, pl_module: Any, optimizer: Any) -> None:
+        for p in pl_module.shared_parameters():
+            optimizer.state.pop(p, None)
+
+
+@dataclass
+class RandomMoveConfig:
+    """``relative_size``: ``||dtheta|| / ||theta||`` of the random move; no acceptance test by default."""
+
+    relative_size: float = 3e-3
+    loss_tolerance: float = float("inf")
+    abs_tolerance: float = float("inf")
+
+
+class RandomMove(Teleporter):
+    """Moves the teleported weights along a Gaussian direction drawn from the callback's generator."""
+
+    name = "random_move"
+    default_transfer = "htr"
+
+    def __init__(self, config: RandomMoveConfig | None = None) -> None:
+        self.config = config or RandomMoveConfig()
+        super().__init__(self.config.loss_tolerance, self.config.abs_tolerance)
+
+    @torch.no_grad()
+    def move(self, problem: TeleportProblem) -> Move:
+        noise = [torch.randn(p.shape, generator=problem.generator, dtype=torch.float64) for p in problem.params]
+        theta = torch.sqrt(sum((p.double() ** 2).sum() for p in problem.params))
+        scale = self.config.relative_size * theta / torch.sqrt(sum((n**2).sum() for n in noise))
+        for p, n in zip(problem.params, noise, strict=True):
+            p.add_((n * scale).to(device=p.device, dtype=p.dtype))
+        return Move()
+
+
+CONTROLS = {"drop_step": DropSteps, "reset_state": ResetState}
+
+
+def build_control(kind: str, every: int) -> L.Callback:
+    """A control callback by name (``drop_step`` or ``reset_state``) acting every ``every`` steps."""
+    if kind not in CONTROLS:
+        raise ValueError(f"unknown control {kind!r}; choose from {sorted(CONTROLS)}")
+    return CONTROLS[kind](every)

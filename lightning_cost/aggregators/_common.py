@@ -1,0 +1,149 @@
+"""Helpers shared by the aggregators: Gramian validation and conversion, the simplex min-norm
+solver (MGDA, CAGrad) and seeded generators (PCGrad, GradDrop)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_cost.aggregators.base import AggregationError
+
+__all__ = ["gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
+
+_NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def gramian_as_float64(gramian: Tensor) -> np.ndarray:
+    """Validate a ``K x K`` Gramian (``K >= 2``, finite) and return it as a float64 numpy array."""
+    if not isinstance(gramian, Tensor):
+        raise TypeError(f"gramian must be a torch.Tensor, got {type(gramian).__name__}")
+    if gramian.ndim != 2 or gramian.shape[0] != gramian.shape[1]:
+        raise ValueError(f"gramian must be a square [K, K] matrix, got shape {tuple(gramian.shape)}")
+    if gramian.shape[0] < 2:
+        raise ValueError(f"multi-task aggregation needs at least 2 tasks, got K={gramian.shape[0]}")
+    # one device-to-host copy; the finiteness test then runs on the K x K numpy array
+    if gramian.device.type == "cpu" and gramian.dtype in _NUMPY_DTYPE:
+        g = gramian.detach().numpy().astype(np.float64)  # no torch dispatch for a tiny CPU tensor
+    else:
+        g = gramian.detach().to(device="cpu", dtype=torch.float64).numpy()
+    if not np.isfinite(g).all():
+        raise ValueError("gramian has non-finite entries")
+    return 0.5 * (g + g.T)
+
+
+def weights_like(weights: np.ndarray, gramian: Tensor) -> Tensor:
+    """The (float64 numpy) weights as a tensor of the Gramian's dtype and device."""
+    np_dtype = _NUMPY_DTYPE.get(gramian.dtype)
+    if gramian.device.type == "cpu" and np_dtype is not None:
+        return torch.from_numpy(weights.astype(np_dtype, copy=False))  # as torch.as_tensor, cheaper
+    return torch.as_tensor(weights, dtype=gramian.dtype, device=gramian.device)
+
+
+def require_nonzero_norms(gramian: np.ndarray, method: str, reason: str) -> np.ndarray:
+    """Return the task-gradient norms ``sqrt(diag G)``; raise ``ValueError`` naming any zero-norm task."""
+    norms = np.sqrt(np.maximum(gramian.diagonal(), 0.0))  # G is finite here: maximum == clip
+    if not (norms > 0.0).all():
+        zero = np.flatnonzero(norms <= 0.0).tolist()
+        raise ValueError(f"{method}: the gradient of task(s) {zero} is zero, and {reason}")
+    return norms
+
+
+def seeded_generator(seed: int | None) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed``, or non-deterministically when ``None``."""
+    gen = torch.Generator()
+    if seed is None:
+        gen.seed()
+    else:
+        gen.manual_seed(int(seed))
+    return gen
+
+
+def _affine_min_norm(gramian: np.ndarray, support: Sequence[int]) -> np.ndarray:
+    """Coefficients ``mu`` (summing to 1) of the min-norm point of the affine hull of ``support``.
+
+    Solved in the variables ``eta_i = ||g_i|| mu_i`` (the KKT system of ``min eta^T C eta`` s.t.
+    ``sum_i eta_i / ||g_i|| = 1``, ``C`` the cosines of the support): its matrix has entries of
+    order 1 however much the support's gradient norms differ, where the KKT system in ``mu``
+    mixes ``||g_i||^2`` of every size and loses the small ones' digits.
+    """
+    s = list(support)
+    n = len(s)
+    sub = gramian[s][:, s]
+    norms = np.sqrt(sub.diagonal())
+    if not (norms > 0.0).all():  # a zero gradient in the support: it is the min-norm point itself
+        norms = np.ones(n)
+    inv = 1.0 / norms
+    border = inv / inv.max()  # the constraint sum_i eta_i / ||g_i|| = 1, scaled to max entry 1
+    kkt = np.zeros((n + 1, n + 1))
+    kkt[:n, :n] = sub / np.outer(norms, norms)
+    kkt[:n, n] = border
+    kkt[n, :n] = border
+    rhs = np.zeros(n + 1)
+    rhs[n] = 1.0 / inv.max()
+    eta = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:n]
+    return eta * inv
+
+
+def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | None = None) -> np.ndarray:
+    """``argmin_{w in simplex} w^T G w`` by Wolfe's (1976) min-norm-point algorithm.
+
+    An exact active-set method that touches the points only through their inner
+    products, so it runs on the Gramian. It terminates in finitely many steps and
+    returns the weights of the min-norm point with an affinely independent support
+    (the point ``J^T w`` is unique; ``w`` is unique when ``G`` is positive definite).
+    An all-zero Gramian gives uniform weights.
+
+    Stopping rule: the current point ``x = J^T lam`` is optimal when every vertex has
+    ``x . g_j >= x . x``; the test accepts a shortfall of ``tol`` times ``lam^T |G| lam`` (the
+    magnitude of the terms of ``x . x``, i.e. its rounding scale). It is relative to the current
+    point, not to the largest gradient, so a task whose gradient is many orders of magnitude
+    larger than the others' does not end the search while the small ones are far from optimal.
+    """
+    k = gramian.shape[0]
+    # (ndarray methods rather than the np.* wrappers: the same operations, less per-call overhead)
+    scale = float(gramian.diagonal().max())
+    if scale <= 0.0:
+        return np.full(k, 1.0 / k)
+    g = gramian / scale
+    magnitude = np.abs(g)
+    max_iter = 50 * k + 50 if max_iter is None else max_iter
+    first = int(g.diagonal().argmin())
+    support = [first]
+    lam = np.zeros(k)
+    lam[first] = 1.0
+    for _ in range(max_iter):
+        g_lam = g @ lam
+        j = int(g_lam.argmin())
+        # Optimality: every vertex p_j satisfies x.p_j >= x.x (up to tol, relative to x's terms).
+        if lam @ g_lam - g_lam[j] <= tol * (lam @ magnitude @ lam) or j in support:
+            return lam
+        support.append(j)
+        lam, support = _minor_cycle(g, lam, support, tol)
+    raise AggregationError(f"min-norm solver did not converge in {max_iter} iterations (K={k})")
+
+
+def _minor_cycle(g: np.ndarray, lam: np.ndarray, support: list[int], tol: float) -> tuple[np.ndarray, list[int]]:
+    """Wolfe's minor cycle: move toward the affine min-norm point of ``support``, dropping the
+    vertices whose coefficient would turn negative, until that point lies inside the simplex."""
+    k = g.shape[0]
+    for _ in range(k + 1):  # each pass drops at least one vertex
+        mu = _affine_min_norm(g, support)
+        if (mu > tol).all():
+            lam[:] = 0.0
+            lam[support] = mu
+            break
+        cur = lam[support]
+        neg = [i for i in range(len(support)) if mu[i] <= tol]
+        ratios = [cur[i] / (cur[i] - mu[i]) if cur[i] > mu[i] else 0.0 for i in neg]
+        theta = min(ratios)
+        new = (1.0 - theta) * cur + theta * mu
+        new[neg[int(np.argmin(ratios))]] = 0.0
+        lam[:] = 0.0
+        lam[support] = np.clip(new, 0.0, None)
+        support = [s for s in support if lam[s] > tol]
+        lam[[i for i in range(k) if i not in support]] = 0.0
+        lam /= lam.sum()
+    return lam, support

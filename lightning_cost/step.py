@@ -1,0 +1,194 @@
+"""The training step of the multi-task core: per-task gradients, the update, skipped steps.
+
+:class:`MultiTaskStep` is the part of :class:`~lightning_cost.MultiTaskMixin` that runs inside
+``training_step`` once the K task losses are known:
+
+* a loss weighting with no Jacobian requested returns its scalar objective (one ordinary backward);
+* otherwise the module's :class:`~lightning_cost.jacobian.JacobianEngine` gives, in one call, the
+  ``K x P`` Jacobian of the shared parameters (unscaled, averaged over DDP ranks), each task's
+  gradient of the other parameters and, when requested, of the shared representation; the method
+  turns ``J`` into the shared direction and the update is returned as a linear surrogate
+  (:mod:`lightning_cost.update`).
+
+A step whose losses or gradients are non-finite (without a fp16 ``GradScaler``), or whose
+aggregation fails (:class:`~lightning_cost.aggregators.AggregationError`), is skipped: its
+gradients are dropped before the optimizer step. A run of consecutive skipped steps as long as
+``mtl_skip_limit`` raises :class:`TrainingStalledError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cost.aggregators import AggregationError, LossWeighting
+from lightning_cost.distributed import all_reduce_mean, warn_rank_zero
+from lightning_cost.jacobian import JacobianEngine
+from lightning_cost.protocol import StepRecord
+from lightning_cost.representation import stack_representation_gradients
+from lightning_cost.update import (
+    aggregate_nonzero_rows,
+    combine,
+    jacobian_is_finite,
+    linear_surrogate,
+    row_statistic,
+)
+
+__all__ = ["MultiTaskStep", "TrainingStalledError"]
+
+log = logging.getLogger(__name__)
+
+#: The default run of consecutive skipped steps that stops training is the larger of this and
+#: ``DEFAULT_STALL_FRACTION`` of an epoch's training batches.
+DEFAULT_STALL_STEPS = 50
+DEFAULT_STALL_FRACTION = 0.1
+
+
+class TrainingStalledError(RuntimeError):
+    """Training made no progress: the multi-task core skipped a long run of consecutive steps."""
+
+
+class MultiTaskStep:
+    """The step logic of :class:`~lightning_cost.MultiTaskMixin` (state set by ``configure_multitask``)."""
+
+    @property
+    def mtl_skip_limit(self) -> int:
+        """The run of consecutive skipped steps that raises :class:`TrainingStalledError` (0: never)."""
+        if self._mtl_max_skipped is not None:
+            return self._mtl_max_skipped
+        batches = getattr(self._mtl_trainer(), "num_training_batches", None)
+        if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
+            return max(DEFAULT_STALL_STEPS, math.ceil(DEFAULT_STALL_FRACTION * batches))
+        return DEFAULT_STALL_STEPS
+
+    def _mtl_trainer(self) -> Any:
+        try:
+            return self.trainer  # type: ignore[attr-defined]
+        except RuntimeError:  # not attached to a Trainer
+            return None
+
+    def _mtl_scaler(self) -> Any:
+        """The fp16 ``GradScaler`` of the trainer's precision plugin, or ``None``."""
+        return getattr(getattr(self._mtl_trainer(), "precision_plugin", None), "scaler", None)
+
+    def _mtl_loss_scale(self) -> float:
+        scaler = self._mtl_scaler()
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+    def _mtl_skip(self, record: StepRecord, why: str) -> None:
+        """Mark the step as skipped (its gradients are dropped before the optimizer step); raise
+        :class:`TrainingStalledError` once the run of consecutive skipped steps reaches the limit."""
+        record.skipped = True
+        self.mtl_step = record
+        self.mtl_skipped_steps += 1
+        self._mtl_skip_run += 1
+        self._mtl_drop_grads = True
+        warn_rank_zero(log, "lightning_cost: skipping the optimizer step (weights untouched): %s", why)
+        limit = self.mtl_skip_limit
+        if limit and self._mtl_skip_run >= limit:
+            raise TrainingStalledError(
+                f"{type(self.mtl_method).__name__}: {self._mtl_skip_run} consecutive training steps were skipped "
+                f"(max_skipped_steps={limit}), so the weights have stopped changing; the last one because: {why}. "
+                "Check the task losses' scales and the method's settings, or raise max_skipped_steps (0: never stop)."
+            )
+
+    def _mtl_weighting_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
+        """Loss weighting without a Jacobian: one ordinary backward of the method's objective."""
+        method: LossWeighting = self.mtl_method  # type: ignore[assignment]
+        global_losses = all_reduce_mean(losses.detach())
+        record = StepRecord(losses=global_losses, finite=bool(torch.isfinite(global_losses).all()))
+        if not record.finite:
+            if self._mtl_scaler() is not None:  # let the GradScaler skip the step and lower its scale
+                self.mtl_step = record
+                return losses.sum()
+            self._mtl_skip(record, f"non-finite task losses {global_losses.tolist()}")
+            return (losses * 0.0).sum()  # a backward still runs (DDP needs it); its gradients are dropped
+        if reps:  # backward passes through the heads only, to the representation
+            record.representation_jacobian = self._mtl_rep_jacobian(losses, reps, self._mtl_loss_scale())
+        objective = method(losses)
+        method.observe(global_losses)
+        self.mtl_step = record
+        return objective
+
+    def _mtl_trainable_split(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """The trainable shared parameters and every other trainable parameter (the method's excluded)."""
+        shared = self.shared_parameters()
+        method_ids = {id(p) for p in self.mtl_method.parameters()}
+        shared_ids = {id(p) for p in shared}
+        others = [p for p in self.parameters()  # type: ignore[attr-defined]
+                  if p.requires_grad and id(p) not in shared_ids and id(p) not in method_ids]
+        shared_trainable = [p for p in shared if p.requires_grad]
+        if not shared_trainable:
+            raise RuntimeError("no shared parameter requires grad: nothing to aggregate")
+        return shared_trainable, others
+
+    def _mtl_per_task_gradients(self, losses: Tensor, shared: Sequence[Tensor], others: Sequence[Tensor],
+                                reps: Sequence[Tensor], scale: float) -> tuple[Tensor, list, Tensor | None]:
+        """``J`` (unscaled, global), the others' ``[K, *shape]`` gradients and the representation
+        rows, all from one call of the engine (the representation needs no extra pass)."""
+        n_shared, n_others, k = len(shared), len(others), losses.shape[0]
+        scaled = losses * scale if scale != 1.0 else losses
+        grads = self.mtl_jacobian_engine.vjps(scaled, [*shared, *others, *reps])
+        jacobian = JacobianEngine.assemble(grads[:n_shared], shared, k, scale=scale)
+        other_grads = grads[n_shared : n_shared + n_others]
+        rep_jac = stack_representation_gradients(grads[n_shared + n_others :], reps, k, scale) if reps else None
+        del grads  # the per-parameter blocks of J are copied into it: free them before the aggregation
+        return jacobian, other_grads, rep_jac
+
+    def _mtl_jacobian_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
+        shared, others = self._mtl_trainable_split()
+        scale = self._mtl_loss_scale()
+        jacobian, other_grads, rep_jac = self._mtl_per_task_gradients(losses, shared, others, reps, scale)
+        global_losses = all_reduce_mean(losses.detach())
+        row_stat, gramian = row_statistic(jacobian, self.mtl_method)
+        record = StepRecord(losses=global_losses, jacobian=jacobian, gramian=gramian, representation_jacobian=rep_jac)
+        record.finite = jacobian_is_finite(jacobian, row_stat) and bool(torch.isfinite(global_losses).all())
+        update = self._mtl_direction(record, row_stat)
+        if update is None:  # skipped: zero gradients for every parameter
+            return linear_surrogate(shared, torch.zeros_like(jacobian[0]), others, None)
+        direction, coeffs = update
+        record.direction = direction
+        self.mtl_step = record
+        surrogate = linear_surrogate(shared, direction, others, [combine(g, coeffs, scale) for g in other_grads])
+        display = (coeffs * losses.detach()).sum()
+        method = self.mtl_method
+        if isinstance(method, LossWeighting) and any(q.requires_grad for q in method.parameters()):
+            aux = method(losses.detach())  # gradients of the method's own parameters (UW)
+            surrogate = surrogate + aux
+            display = aux.detach()
+        return surrogate + (display - surrogate).detach()
+
+    def _mtl_direction(self, record: StepRecord, row_stat: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The shared direction and the per-task coefficients of the other parameters' gradients,
+        or ``None`` for a skipped step."""
+        jacobian, method = record.jacobian, self.mtl_method
+        assert jacobian is not None
+        k = jacobian.shape[0]
+        if not record.finite:
+            if self._mtl_scaler() is None:
+                self._mtl_skip(record, "non-finite task losses or gradients")
+                return None
+            # Hand the non-finite sum to the GradScaler: it skips the step and lowers its scale.
+            return jacobian.sum(0), torch.ones(k, device=jacobian.device)
+        if isinstance(method, LossWeighting):
+            coeffs = method.loss_weights(record.losses).to(jacobian.dtype)
+            direction = coeffs @ jacobian
+            method.observe(record.losses)
+            record.extras["weights"] = coeffs
+            return direction, coeffs
+        try:
+            direction = self._mtl_aggregate(jacobian, row_stat, record.gramian)
+        except AggregationError as err:
+            self._mtl_skip(record, f"{type(method).__name__} failed: {err}")
+            return None
+        return direction, torch.ones(k, device=jacobian.device, dtype=jacobian.dtype)
+
+    def _mtl_aggregate(self, jacobian: Tensor, row_stat: Tensor, gramian: Tensor | None = None) -> Tensor:
+        """The method's direction for ``J``, tasks with a zero shared gradient left out
+        (:func:`~lightning_cost.update.aggregate_nonzero_rows`)."""
+        return aggregate_nonzero_rows(self.mtl_method, jacobian, row_stat, gramian, self.task_names)  # type: ignore[arg-type]

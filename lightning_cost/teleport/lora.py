@@ -1,0 +1,240 @@
+"""COST's teleport (paper Sec. 4.1): a LoRA displacement trained on ``L_t - gamma L_g``, then merged."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_cost.distributed import all_reduce_mean_, broadcast_
+from lightning_cost.teleport._checks import check_bool, check_choice, check_float, check_int
+from lightning_cost.teleport.adapter import TeleportAdapter
+from lightning_cost.teleport.evaluation import keep_buffers
+from lightning_cost.teleport.objective import (
+    ascent_direction,
+    balance_ratios,
+    loss_invariance,
+    relative_drift_penalty,
+    sample_sphere,
+    sharpness,
+)
+from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem, TeleportRejected
+
+__all__ = ["LoRAConfig", "LoRATeleporter"]
+
+
+@dataclass
+class LoRAConfig:
+    """Settings of the LoRA teleport (eqs. 7-11). The defaults are the measured ones that make a teleport
+    move (``docs/results/teleport_effect``); :meth:`paper` gives the objective exactly as published.
+
+    Args:
+        rank, alpha: LoRA rank and ``lora_alpha`` (scaling ``alpha / rank``; ``None``: ``alpha = rank``).
+        inner_steps: Adam steps on ``L_lora`` per teleport.
+        inner_lr: their learning rate; ``None``: ``inner_lr_scale`` times the outer optimizer's learning
+            rate of the teleported parameters.
+        inner_lr_scale: see ``inner_lr``.
+        lr_schedule: ``"cosine"`` (annealed to 0 over the inner steps, so the search settles on the level
+            set) or ``"constant"``.
+        gamma: weight of ``L_g`` in eq. 11.
+        invariance: ``L_t``: ``"absolute"`` (eq. 7, ``mean_i |L_i - L_i*|``) or ``"squared_relative"``
+            (``mean_i ((L_i - L_i*) / (drift_scale L_i*))^2``: the same minimiser, a gradient that grows
+            with the drift, the same scale for every task).
+        drift_scale: the relative drift at which the squared penalty reaches 1.
+        perturbation: ``eps`` of eqs. 8-9: ``"random"`` (``num_perturbations`` draws on the sphere, the
+            largest kept, eq. 9) or ``"ascent"`` (the sphere's first-order maximiser, the normalised
+            gradient of ``sum_i R_i L_i``: eq. 8's max, where the difference form measures the gradient norm).
+        num_perturbations: ``n~`` in eq. 9 (``perturbation="random"``).
+        radius: ``delta``, the norm of each perturbation; relative to ``||theta||`` if ``relative_radius``.
+        relative_radius: see ``radius``.
+        sharpness: ``"perturbed"`` (eq. 9: the perturbed losses) or ``"difference"`` (eq. 8: perturbed minus
+            unperturbed, which grows the gradient rather than the loss).
+        normalise: divide ``L_g`` by ``mean_i R_i L_i*`` (the same ``gamma`` for any loss scale).
+        ratio: ``R`` of eq. 10: ``"softmax"`` (the paper) or ``"linear"`` (the authors' code).
+        use_lt, use_lg: the two terms of eq. 11 (paper Table 4 ablation).
+        use_lora: ``False``: a dense delta on every parameter instead of LoRA.
+        batched_perturbations: evaluate the ``n~`` random perturbations in one ``torch.func.vmap`` pass.
+        loss_tolerance, abs_tolerance: acceptance test, ``|L_i - L_i*| <= loss_tolerance |L_i*| + abs_tolerance``.
+    """
+
+    rank: int = 5
+    alpha: float | None = None
+    inner_steps: int = 50
+    inner_lr: float | None = None
+    inner_lr_scale: float = 1.0
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    gamma: float = 1.0
+    invariance: Literal["absolute", "squared_relative"] = "squared_relative"
+    drift_scale: float = 0.01
+    perturbation: Literal["random", "ascent"] = "ascent"
+    num_perturbations: int = 5
+    radius: float = 1e-2
+    relative_radius: bool = True
+    sharpness: Literal["perturbed", "difference"] = "difference"
+    normalise: bool = True
+    ratio: Literal["softmax", "linear"] = "softmax"
+    use_lt: bool = True
+    use_lg: bool = True
+    use_lora: bool = True
+    batched_perturbations: bool = False
+    loss_tolerance: float = 0.01
+    abs_tolerance: float = 1e-6
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> LoRAConfig:
+        """Eqs. 7-11 as published: ``|L_i - L_i*|``, ``n~ = 5`` random draws at ``delta = 1e-2``, the plain
+        perturbed loss, ``gamma = 0.05``, 10 inner steps at the outer learning rate, 5 % tolerance."""
+        settings = dict(inner_steps=10, lr_schedule="constant", gamma=0.05, invariance="absolute",
+                        perturbation="random", relative_radius=False, sharpness="perturbed", normalise=False,
+                        loss_tolerance=0.05, abs_tolerance=1e-4)
+        return cls(**{**settings, **overrides})
+
+    def __post_init__(self) -> None:
+        check_int("rank", self.rank, 1)
+        check_float("alpha", self.alpha, positive=True, optional=True)
+        check_int("inner_steps", self.inner_steps, 1)
+        check_float("inner_lr", self.inner_lr, positive=True, optional=True)
+        check_float("inner_lr_scale", self.inner_lr_scale, positive=True)
+        check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        check_float("gamma", self.gamma, minimum=0.0)
+        check_choice("invariance", self.invariance, ("absolute", "squared_relative"))
+        check_float("drift_scale", self.drift_scale, positive=True)
+        check_choice("perturbation", self.perturbation, ("random", "ascent"))
+        check_int("num_perturbations", self.num_perturbations, 1)
+        check_float("radius", self.radius, positive=True)
+        check_choice("sharpness", self.sharpness, ("perturbed", "difference"))
+        check_choice("ratio", self.ratio, ("softmax", "linear"))
+        for name in ("relative_radius", "normalise", "use_lt", "use_lg", "use_lora", "batched_perturbations"):
+            check_bool(name, getattr(self, name))
+        if not (self.use_lt or self.use_lg):
+            raise ValueError("at least one of use_lt and use_lg must be True")
+        check_float("loss_tolerance", self.loss_tolerance, minimum=0.0)
+        check_float("abs_tolerance", self.abs_tolerance, minimum=0.0)
+
+
+class LoRATeleporter(Teleporter):
+    """Trains a LoRA displacement ``dtheta`` on ``L_lora = L_t - gamma * L_g`` (eq. 11) and merges it.
+
+    ``L_t`` keeps the task losses at ``L*`` (eq. 7); ``L_g`` measures the sharpness at
+    ``theta + dtheta`` along a perturbation ``eps`` of norm ``delta`` (eqs. 8-9), with the task ratios
+    ``R`` of eq. 10 computed from the task-gradient norms on the teleport's batches. With random draws
+    (eq. 9) the max is found without gradients and only the arg-max draw is back-propagated. Every loss
+    is global under DDP and the inner gradients are averaged over ranks, so the search is the
+    one-device search on the global batch. :class:`LoRAConfig` says which form of each term is used.
+    """
+
+    name = "lora"
+    default_transfer = "htr"
+
+    def __init__(self, config: LoRAConfig | None = None) -> None:
+        self.config = config or LoRAConfig()
+        super().__init__(self.config.loss_tolerance, self.config.abs_tolerance)
+
+    def setup(self, module: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+        if self.config.use_lora:
+            import peft.tuners.lora  # noqa: F401  (a one-time import of ~2 s, paid here, not in the first teleport)
+
+    def move(self, problem: TeleportProblem) -> Move:
+        cfg = self.config
+        adapter = TeleportAdapter(problem.module, problem.params, cfg.rank, cfg.alpha, cfg.use_lora)
+        ratios = balance_ratios(problem.jacobian.norm(dim=1).float(), cfg.ratio).to(problem.target.device)
+        radius = cfg.radius * _norm(problem.params) if cfg.relative_radius else cfg.radius
+        adapter.inject(problem.generator)
+        trace: list[dict[str, float]] = []
+        try:
+            for p in adapter.lora_parameters():
+                broadcast_(p.data)  # identical on every rank whatever their generators did
+            lr = cfg.inner_lr if cfg.inner_lr is not None else cfg.inner_lr_scale * problem.lr
+            inner = torch.optim.Adam(adapter.parameters(), lr=lr)
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, cfg.inner_steps) \
+                if cfg.lr_schedule == "cosine" else None
+            with torch.enable_grad(), keep_buffers(problem.module):
+                for _ in range(cfg.inner_steps):
+                    objective, terms = self._objective(problem, adapter, ratios, radius)
+                    _step(inner, objective, adapter.parameters())
+                    if schedule is not None:
+                        schedule.step()
+                    trace.append(terms)
+            adapter.merge()
+        finally:
+            adapter.discard()  # a no-op after the merge; removes the adapters after a failure
+        return Move(trace=trace)
+
+    def _objective(self, problem: TeleportProblem, adapter: TeleportAdapter, ratios: Tensor, radius: float
+                   ) -> tuple[Tensor, dict[str, float]]:
+        """``L_lora`` (eq. 11) at the adapter's current ``dtheta``, and its terms for the record."""
+        cfg = self.config
+        base = adapter.overrides()  # theta + dtheta, shared by every evaluation of this step
+        losses = problem.evaluator(problem.batches, base)
+        if not torch.isfinite(losses).all():
+            raise TeleportRejected("non-finite task losses in the inner loop")
+        if cfg.invariance == "absolute":
+            lt = loss_invariance(losses, problem.target)
+        else:
+            lt = relative_drift_penalty(losses, problem.target, cfg.drift_scale)
+        objective = lt if cfg.use_lt else losses.new_zeros(())
+        lg = float("nan")
+        if cfg.use_lg:
+            term = self._sharpness_term(problem, adapter, base, losses, ratios, radius)
+            if cfg.normalise:
+                term = term / (ratios * problem.target).mean().abs().clamp_min(1e-12)
+            objective = objective - cfg.gamma * term
+            lg = float(term.detach())
+        return objective, {"objective": float(objective.detach()), "l_t": float(lt.detach()), "l_g": lg}
+
+    def _sharpness_term(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
+                        losses: Tensor, ratios: Tensor, radius: float) -> Tensor:
+        """``L_g`` (eqs. 8-9) along the ascent direction or the largest of ``n~`` random draws."""
+        if self.config.perturbation == "ascent":
+            eps = self._ascent(problem, adapter, base, losses, ratios, radius)
+        else:
+            eps = self._largest_draw(problem, adapter, base, losses, ratios, radius)
+        return self._sharpness(problem.evaluator(problem.batches, adapter.perturb(base, eps)), losses, ratios)
+
+    def _ascent(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
+                losses: Tensor, ratios: Tensor, radius: float) -> list[Tensor]:
+        """``delta * g / ||g||`` for ``g`` the (global) gradient of ``sum_i R_i L_i`` at ``theta + dtheta``."""
+        points = [base.get(adapter.name_of(p), p) for p in problem.params]
+        grads = torch.autograd.grad((ratios * losses).mean(), points, retain_graph=True, allow_unused=True)
+        grads = [all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
+                 for g, p in zip(grads, problem.params, strict=True)]
+        return ascent_direction(grads, radius)
+
+    def _largest_draw(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
+                      losses: Tensor, ratios: Tensor, radius: float) -> list[Tensor]:
+        """The draw with the largest term among ``n~`` on the sphere (eq. 9), found without gradients."""
+        cfg = self.config
+        shapes = [p.shape for p in problem.params]
+        draws = [sample_sphere(shapes, radius, problem.generator, losses.device) for _ in range(cfg.num_perturbations)]
+        with torch.no_grad():
+            if cfg.batched_perturbations:
+                stacked = adapter.perturb({k: v.unsqueeze(0) for k, v in base.items()},
+                                          [torch.stack(parts) for parts in zip(*draws, strict=True)])
+                perturbed = problem.evaluator.batched(problem.batches, stacked)
+            else:
+                perturbed = torch.stack([problem.evaluator(problem.batches, adapter.perturb(base, eps))
+                                         for eps in draws])
+            values = torch.stack([self._sharpness(lp, losses.detach(), ratios) for lp in perturbed])
+        return draws[int(values.argmax())]
+
+    def _sharpness(self, perturbed: Tensor, unperturbed: Tensor, ratios: Tensor) -> Tensor:
+        if self.config.sharpness == "difference":
+            return sharpness(perturbed - unperturbed, ratios)
+        return sharpness(perturbed, ratios)
+
+
+def _norm(params: list[torch.nn.Parameter]) -> float:
+    return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params)))
+
+
+def _step(inner: torch.optim.Optimizer, objective: Tensor, params: list[Tensor]) -> None:
+    """One inner Adam step with the gradients averaged over DDP ranks."""
+    grads = torch.autograd.grad(objective, params, allow_unused=True)
+    for p, g in zip(params, grads, strict=True):
+        p.grad = all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
+    if not all(torch.isfinite(p.grad).all() for p in params):
+        raise TeleportRejected("non-finite gradient in the inner loop")
+    inner.step()
+    inner.zero_grad(set_to_none=True)

@@ -1,0 +1,212 @@
+"""An exact symmetry teleport: rescale ReLU units (and, optionally, normalised channels) of the trunk.
+
+Positive rescalings ``theta' = t(s) * theta`` leave every task loss unchanged (eq. 5 holds exactly, no
+adapter is learned; :mod:`~lightning_cost.teleport.symmetry` finds them), and every per-task gradient
+at the new point is ``g_i / t`` (no new backward). So the log-scales ``s`` are chosen on the
+Jacobian alone: ``objective="grad_norm"`` maximises ``||g_0'||`` (eq. 6), ``objective="conflict"``
+maximises a soft minimum of ``cos(g_i', g_0')`` (clearing the eq. 4 condition). Both need only the
+``K x K`` Gramian ``G'(s) = J diag(t^-2) J^T``, which :class:`ScaledGramian` evaluates from per-layer
+cell sums of ``J`` formed once, so each of the ``steps`` costs far less than a pass over ``J``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cost.distributed import broadcast_
+from lightning_cost.teleport._checks import check_bool, check_choice, check_float, check_int
+from lightning_cost.teleport.evaluation import keep_buffers
+from lightning_cost.teleport.symmetry import RescaleSymmetry
+from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem
+
+__all__ = ["RescaleConfig", "RescaleTeleporter", "ScaledGramian", "scaled_objective"]
+
+
+@dataclass
+class RescaleConfig:
+    """Settings of the exact rescaling teleport.
+
+    Args:
+        objective: ``"conflict"`` (raise the smallest ``cos(g_i, g_0)``) or ``"grad_norm"`` (raise
+            ``||g_0||``, eq. 6).
+        max_scale: every unit's scale stays in ``[1 / max_scale, max_scale]``.
+        steps, lr: Adam steps and learning rate on the (unbounded) parameters of the log-scales.
+        temperature: of the soft minimum of the cosines (``objective="conflict"``).
+        normalized: also rescale channels that only feed a normalisation (exact up to its ``eps``).
+        loss_tolerance, abs_tolerance: acceptance test (float rounding only, the action is exact).
+    """
+
+    objective: Literal["conflict", "grad_norm"] = "conflict"
+    max_scale: float = 4.0
+    steps: int = 100
+    lr: float = 0.1
+    temperature: float = 0.05
+    normalized: bool = False
+    loss_tolerance: float = 1e-4
+    abs_tolerance: float = 1e-7
+
+    def __post_init__(self) -> None:
+        check_choice("objective", self.objective, ("conflict", "grad_norm"))
+        check_float("max_scale", self.max_scale, minimum=1.0)
+        check_int("steps", self.steps, 1)
+        check_float("lr", self.lr, positive=True)
+        check_float("temperature", self.temperature, positive=True)
+        check_bool("normalized", self.normalized)
+        check_float("loss_tolerance", self.loss_tolerance, minimum=0.0)
+        check_float("abs_tolerance", self.abs_tolerance, minimum=0.0)
+
+
+class ScaledGramian:
+    """``G'(s) = J diag(t(s)^-2) J^T`` for a :class:`RescaleSymmetry`, differentiable in ``s``.
+
+    ``t`` is constant over a convolution's kernel axes (and over whatever else a layer's factor does not
+    vary along), so ``J_i . J_k`` is summed over those axes once, per pair ``i <= k``; each evaluation then
+    weighs these cell sums by ``exp(-2 log t)``. Where the cells would hold more than twice ``J``'s
+    entries (many tasks, no kernel axes), ``G'`` is formed directly from ``J``.
+    """
+
+    def __init__(self, symmetry: RescaleSymmetry, jacobian: Tensor) -> None:
+        self.symmetry, self.k = symmetry, jacobian.shape[0]
+        self.pairs = torch.triu_indices(self.k, self.k, device=jacobian.device)
+        zero = jacobian.new_zeros(symmetry.num_scales)
+        shapes = [lf.shape if lf is not None else None for lf in symmetry.log_factors(zero)]
+        cells = sum(math.prod(s) for s in shapes if s is not None)
+        self.direct = self.pairs.shape[1] * cells > 2 * jacobian.numel()
+        self.jacobian = jacobian
+        self.fixed = jacobian.new_zeros(self.pairs.shape[1], dtype=torch.float64)
+        self.cells: list[Tensor | None] = []
+        if not self.direct:
+            self._precompute(jacobian, shapes)
+
+    def _precompute(self, jacobian: Tensor, shapes: list[torch.Size | None]) -> None:
+        i, k = self.pairs
+        offset = 0
+        for p, shape in zip(self.symmetry.params, shapes, strict=True):
+            block = jacobian[:, offset : offset + p.numel()].reshape(self.k, *p.shape)
+            offset += p.numel()
+            prod = block[i] * block[k]  # [pairs, *p.shape]
+            if shape is None:
+                self.fixed += prod.reshape(prod.shape[0], -1).sum(dim=1).double()
+                self.cells.append(None)
+                continue
+            aligned = (1,) * (p.ndim - len(shape)) + tuple(shape)
+            dims = [d + 1 for d in range(p.ndim) if aligned[d] == 1 and p.shape[d] > 1]
+            self.cells.append(prod.sum(dim=dims, keepdim=True) if dims else prod)
+
+    def __call__(self, log_scales: Tensor) -> Tensor:
+        """The ``[K, K]`` Gramian (float64) at the point rescaled by ``exp(log_scales)``."""
+        if self.direct:
+            logs = [log_scales.new_zeros(()).expand(p.shape) if lf is None else lf.expand(p.shape)
+                    for p, lf in zip(self.symmetry.params, self.symmetry.log_factors(log_scales), strict=True)]
+            w = torch.exp(-2.0 * torch.cat([x.reshape(-1) for x in logs]))
+            return ((self.jacobian * w) @ self.jacobian.T).double()
+        packed = self.fixed.clone()
+        for cell, lf in zip(self.cells, self.symmetry.log_factors(log_scales), strict=True):
+            if cell is not None:
+                aligned = lf.reshape((1,) * (cell.ndim - 1 - lf.ndim) + tuple(lf.shape))
+                packed = packed + (cell * torch.exp(-2.0 * aligned).unsqueeze(0)).reshape(cell.shape[0], -1).sum(
+                    dim=1).double()
+        out = packed.new_zeros(self.k, self.k)
+        out = out.index_put((self.pairs[0], self.pairs[1]), packed)
+        return out + out.triu(1).T
+
+
+def scaled_objective(gram: Tensor, objective: str, temperature: float) -> Tensor:
+    """What the rescaling maximises, from the Gramian of the task gradients."""
+    k = gram.shape[0]
+    g0_sq = gram.sum() / (k * k)
+    if objective == "grad_norm":
+        return torch.log(g0_sq.clamp_min(1e-300))
+    sq = gram.diagonal()
+    alive = sq > 0
+    cos = (gram.sum(dim=1) / k)[alive] / torch.sqrt(sq[alive] * g0_sq).clamp_min(1e-300)
+    return -temperature * torch.logsumexp(-cos / temperature, dim=0)
+
+
+class RescaleTeleporter(Teleporter):
+    """Teleports along the trunk's exact rescaling symmetries (found at the first teleport, by tracing
+    the shared module on the teleport's batch) to the scales that best serve ``config.objective``."""
+
+    name = "rescale"
+    default_transfer = "transport"
+    gives_factors = True
+
+    def __init__(self, config: RescaleConfig | None = None) -> None:
+        self.config = config or RescaleConfig()
+        super().__init__(self.config.loss_tolerance, self.config.abs_tolerance)
+        self._symmetry: RescaleSymmetry | None = None
+        self._key: tuple[int, ...] | None = None
+
+    def symmetry(self, problem: TeleportProblem) -> RescaleSymmetry:
+        """The rescalings of the shared module among ``problem.params`` (traced once per parameter set)."""
+        key = (id(problem.module), *(id(p) for p in problem.params))
+        if self._symmetry is None or key != self._key:
+            trunk = shared_module(problem.module, problem.params)
+            args = _example_input(trunk, problem)
+            self._symmetry = RescaleSymmetry.find(trunk, args, problem.params, normalized=self.config.normalized)
+            self._key = key
+        return self._symmetry
+
+    def move(self, problem: TeleportProblem) -> Move:
+        cfg = self.config
+        symmetry = self.symmetry(problem)
+        gram = ScaledGramian(symmetry, problem.jacobian.float())
+        bound = math.log(cfg.max_scale)
+        u = torch.zeros(symmetry.num_scales, device=problem.jacobian.device, requires_grad=True)
+        opt = torch.optim.Adam([u], lr=cfg.lr)
+        start = float(scaled_objective(gram(u.detach() * 0), cfg.objective, cfg.temperature))
+        best, best_u = start, u.detach().clone()
+        with torch.enable_grad():
+            for _ in range(cfg.steps):
+                value = scaled_objective(gram(bound * torch.tanh(u)), cfg.objective, cfg.temperature)
+                if float(value) > best:
+                    best, best_u = float(value), u.detach().clone()
+                opt.zero_grad()
+                (-value).backward()
+                opt.step()
+        trace = [{"objective": start}, {"objective": best}]
+        if not best > start:
+            return Move(trace=trace)  # no better point: nothing moves
+        log_scales = broadcast_(bound * torch.tanh(best_u))  # identical on every rank
+        symmetry.apply_(log_scales)
+        factors = [t.detach() for t in symmetry.factors(log_scales)]
+        after = problem.jacobian / torch.cat([t.reshape(-1) for t in factors]).to(problem.jacobian.dtype)
+        return Move(factors=factors, jacobian_after=after, trace=trace)
+
+
+def shared_module(module: nn.Module, params: list[nn.Parameter]) -> nn.Module:
+    """The module to trace: ``module.shared_module()`` when it has one, else the smallest submodule
+    holding every teleported parameter (it must not be the whole LightningModule)."""
+    getter = getattr(module, "shared_module", None)
+    found = getter() if callable(getter) else None
+    if found is not None:
+        return found
+    ids = {id(p) for p in params}
+    best: nn.Module | None = None
+    for _, sub in module.named_modules():
+        if sub is not module and ids <= {id(p) for p in sub.parameters()}:
+            if best is None or sum(1 for _ in sub.parameters()) < sum(1 for _ in best.parameters()):
+                best = sub
+    if best is None:
+        raise ValueError("teleporter='rescale' needs the shared part as one submodule: pass shared=<module> to "
+                         "configure_multitask, or give the LightningModule a shared_module() method")
+    return best
+
+
+def _example_input(trunk: nn.Module, problem: TeleportProblem) -> tuple[Any, ...]:
+    """The shared module's input on the teleport's first batch (one forward, buffers restored)."""
+    seen: list[tuple[Any, ...]] = []
+    handle = trunk.register_forward_pre_hook(lambda _m, args: seen.append(args) if not seen else None)
+    try:
+        with torch.no_grad(), keep_buffers(problem.module):
+            problem.evaluator.local(problem.batches[:1])
+    finally:
+        handle.remove()
+    if not seen:
+        raise ValueError(f"the shared module {type(trunk).__name__} was not called while evaluating the task losses")
+    return tuple(a.detach() if torch.is_tensor(a) else a for a in seen[0])

@@ -1,0 +1,134 @@
+"""How to teleport: the interface every teleporter implements, and the transaction around a move.
+
+A teleport moves the shared weights to a point with the same task losses (eq. 5) and better
+gradients (eq. 6). A :class:`Teleporter` only implements :meth:`Teleporter.move` (find the point and
+write it into the weights in place); :meth:`Teleporter.teleport` wraps it in the transaction every
+teleporter shares: the weights before are in a :class:`~lightning_cost.teleport.evaluation.Snapshot`;
+a move that raises :class:`TeleportRejected`, leaves non-finite weights, or changes a task loss by more
+than ``loss_tolerance * |L_i*| + abs_tolerance`` is undone bit for bit.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator, keep_buffers
+from lightning_cost.teleport.records import TeleportRecord
+
+__all__ = ["Move", "TeleportProblem", "TeleportRejected", "Teleporter"]
+
+
+class TeleportRejected(Exception):
+    """Raised inside :meth:`Teleporter.move` to reject the teleport (the weights are rolled back)."""
+
+
+@dataclass
+class TeleportProblem:
+    """What a teleporter works with. Losses and Jacobian are global and measured with dropout off.
+
+    Attributes:
+        module: the LightningModule (its weights are changed in place).
+        params: the weights to teleport (the trainable shared parameters), the columns of ``jacobian``.
+        evaluator: task losses on ``batches`` at the current weights or at overrides.
+        batches: the teleport's data.
+        target: ``L*``, the ``[K]`` task losses before the teleport (eq. 7).
+        jacobian: ``[K, P]`` per-task gradients of ``params`` before the teleport.
+        generator: the callback's own random stream (never the global one).
+        lr: the outer optimizer's learning rate of ``params``.
+        snapshot: the state before the teleport, restored if it is rejected.
+    """
+
+    module: nn.Module
+    params: list[nn.Parameter]
+    evaluator: TaskLossEvaluator
+    batches: Sequence[Any]
+    target: Tensor
+    jacobian: Tensor
+    generator: torch.Generator
+    lr: float
+    snapshot: Snapshot
+
+
+@dataclass
+class Move:
+    """What :meth:`Teleporter.move` did.
+
+    Attributes:
+        factors: for an exact symmetry ``theta' = t * theta``, the factor ``t`` per parameter; the
+            gradients at the new point are ``g / t`` and optimizer state can be transported exactly.
+        jacobian_after: the ``[K, P]`` Jacobian at the new point when the move knows it without a
+            backward (``J / t`` for an exact symmetry).
+        trace: per inner step, the objective's terms (for the record).
+    """
+
+    factors: list[Tensor] | None = None
+    jacobian_after: Tensor | None = None
+    trace: list[dict[str, float]] = field(default_factory=list)
+
+
+class Teleporter(ABC):
+    """Finds a loss-preserving point with better gradients and moves the weights there in place."""
+
+    #: registry name, used in records
+    name: str = "teleporter"
+    #: the state transfer that suits this teleporter (``"htr"``, ``"transport"``, ...)
+    default_transfer: str = "htr"
+    #: whether :attr:`Move.factors` is given (exact transport of the optimizer state is possible)
+    gives_factors: bool = False
+
+    def __init__(self, loss_tolerance: float, abs_tolerance: float) -> None:
+        self.loss_tolerance, self.abs_tolerance = loss_tolerance, abs_tolerance
+
+    def setup(self, module: nn.Module, params: Sequence[nn.Parameter]) -> None:  # noqa: B027 - optional hook
+        """Called once at the start of fit (fail early on a module this teleporter cannot handle)."""
+
+    @abstractmethod
+    def move(self, problem: TeleportProblem) -> Move:
+        """Find the new point and write it into ``problem.params`` in place (same Parameter objects)."""
+
+    def teleport(self, problem: TeleportProblem, record: TeleportRecord) -> Move | None:
+        """Move, verify, and accept or roll back; fills ``record``'s outcome. Returns the move if kept."""
+        start = time.perf_counter()
+        snapshot = problem.snapshot
+        record.teleporter = self.name
+        record.losses_before = problem.target.tolist()
+        try:
+            move = self.move(problem)
+            with keep_buffers(problem.module):
+                losses = self._verify(problem)
+        except TeleportRejected as err:
+            snapshot.restore_weights()
+            snapshot.restore_buffers()
+            record.reason, record.seconds = str(err), time.perf_counter() - start
+            return None
+        finally:
+            snapshot.restore_flags_and_modes()
+        record.accepted, record.moved = True, snapshot.moved()
+        record.losses_after = losses.tolist()
+        record.loss_drift = float(((losses - problem.target).abs() / problem.target.abs().clamp_min(1e-12)).max())
+        record.trace = move.trace
+        record.seconds = time.perf_counter() - start
+        return move
+
+    def _verify(self, problem: TeleportProblem) -> Tensor:
+        """The global task losses at the new point; :class:`TeleportRejected` if they drifted."""
+        if not all(torch.isfinite(p).all() for p in problem.params):
+            raise TeleportRejected("non-finite weights after the move")
+        with torch.no_grad():
+            losses = problem.evaluator(problem.batches).detach()
+        if not torch.isfinite(losses).all():
+            raise TeleportRejected("non-finite losses after the move")
+        bound = self.loss_tolerance * problem.target.abs() + self.abs_tolerance
+        if ((losses - problem.target).abs() > bound).any():
+            worst = int(((losses - problem.target).abs() / bound).argmax())
+            name = list(getattr(problem.module, "task_names", range(len(losses))))[worst]
+            raise TeleportRejected(f"loss drift above tolerance (task {name}: {float(losses[worst]):.6g} vs "
+                                   f"{float(problem.target[worst]):.6g})")
+        return losses
