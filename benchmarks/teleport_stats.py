@@ -29,7 +29,7 @@ import torch
 from benchmarks.common import finite_mean, quiet_trainer
 from benchmarks.conflicts import ConflictCounter
 from benchmarks.registry import make_datamodule, make_model, module_classes
-from benchmarks.runner.variants import build_teleport, teleport_records
+from benchmarks.runner.variants import build_teleport, deep_merge, teleport_records
 from lightning_cost.teleport.trigger import ConflictTrigger
 
 __all__ = ["run", "main", "plot"]
@@ -48,23 +48,25 @@ def _teleport_spec(rule: str, args: argparse.Namespace) -> dict[str, Any]:
     ``--force-every`` steps (forced at steps with step % N == N // 2), plus ``--cost-kw``."""
     schedule = {"max_per_epoch": args.max_per_epoch, "min_steps_between": args.min_steps_between,
                 "every": args.force_every}
-    return {"trigger": rule, "schedule": schedule, **args.cost_kw}
+    return deep_merge({"trigger": rule, "schedule": schedule}, args.cost_kw)
+
+
+def measured(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accepted teleports measured before and after (``TeleportRecord.before`` / ``.after``)."""
+    return [r for r in history if r["accepted"] and r.get("before") and r.get("after")]
 
 
 def _teleport_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
-    acc = [r for r in history if r["accepted"]]
+    acc = measured(history)
     return {
         "teleports": len(history),
-        "accepted": len(acc),
+        "accepted": sum(bool(r["accepted"]) for r in history),
         "teleport_ms_mean": 1000 * finite_mean([r["seconds"] for r in history]),
         "loss_drift_mean": finite_mean([r["loss_drift"] for r in acc]),
-        "grad_norm_before_mean": finite_mean([r["grad_norm_before"] for r in acc]),
-        "grad_norm_after_mean": finite_mean([r["grad_norm_after"] for r in acc]),
-        "grad_norm_ratio_mean": finite_mean([r["grad_norm_after"] / r["grad_norm_before"] for r in acc]),
-        "conflicts_before_mean": finite_mean([r["conflicts_before"] for r in acc]),
-        "conflicts_after_mean": finite_mean([r["conflicts_after"] for r in acc]),
-        "min_cos_before_mean": finite_mean([min(r["cosines_before"]) for r in acc]),
-        "min_cos_after_mean": finite_mean([min(r["cosines_after"]) for r in acc]),
+        **{f"{what}_{when}_mean": finite_mean([r[when][key] for r in acc])
+           for what, key in (("grad_norm", "mean_norm"), ("conflicts", "conflicts"), ("min_cos", "min_cos"))
+           for when in ("before", "after")},
+        "grad_norm_ratio_mean": finite_mean([r["after"]["mean_norm"] / r["before"]["mean_norm"] for r in acc]),
     }
 
 
@@ -142,13 +144,13 @@ def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     a, b = fig.subplots(1, 2)
     markers = "osD^v<>p*h"
     for i, ds in enumerate(datasets):
-        ev = [h for r in results if r["dataset"] == ds for h in r["history"] if h["accepted"]]
+        ev = [h for r in results if r["dataset"] == ds for h in measured(r["history"])]
         if not ev:
             continue
-        before = [h["grad_norm_before"] for h in ev]
-        after = [h["grad_norm_after"] for h in ev]
+        before = [h["before"]["mean_norm"] for h in ev]
+        after = [h["after"]["mean_norm"] for h in ev]
         a.scatter(before, after, marker=markers[i % len(markers)], s=18, label=ds)
-        b.scatter([min(h["cosines_before"]) for h in ev], [min(h["cosines_after"]) for h in ev],
+        b.scatter([h["before"]["min_cos"] for h in ev], [h["after"]["min_cos"] for h in ev],
                   marker=markers[i % len(markers)], s=18, label=ds)
     for ax, name in ((a, "total gradient norm ||g0||"), (b, "min_i cos(g_i, g0)")):
         lo, hi = ax.get_xlim()

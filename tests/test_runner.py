@@ -62,21 +62,23 @@ def test_cost_variants_are_presets_merged_over_cost_kw() -> None:
         "schedule": {"warmup_epochs": 1, "warmup_fraction": 0.25, "max_per_epoch": 1}}
 
 
-def test_build_teleport_translates_the_grouped_arguments() -> None:
-    """The one place a preset becomes a callback (the callback's own argument names are checked here)."""
+def test_every_preset_builds_its_callback() -> None:
+    """The one place a preset becomes a callback: each default preset, merged over a shared cost_kw, builds a
+    callback with the teleporter, trigger, schedule and transfer it names."""
     from benchmarks.runner.variants import build_teleport
 
-    cb = build_teleport({"teleporter": {"name": "lora", "inner_steps": 3, "gamma": 0.1}, "trigger": "any",
-                         "schedule": {"max_per_epoch": 2, "every": 8, "warmup_epochs": 1, "min_steps_between": 4},
-                         "transfer": "keep"}, seed=5)
-    assert (cb.inner_steps, cb.gamma, cb.trigger.rule, cb.seed) == (3, 0.1, "any", 5)
-    assert (cb.max_teleports_per_epoch, cb.teleport_every, cb.warmup_epochs, cb.min_steps_between) == (2, 8, 1, 4)
-    assert cb.use_htr is False and build_teleport({"transfer": "htr"}, 0).use_htr is True
-    default = build_teleport({}, 0)  # the empty preset: the callback's defaults
-    assert default.trigger.rule == "majority" and default.use_htr and default.seed == 0
-    for bad in ({"schedule": {"every_other": 1}}, {"transfer": "teleport"}):
-        with pytest.raises(ValueError):
-            build_teleport(bad, 0)
+    shared = {"schedule": {"warmup_epochs": 1}}
+    built = {name: build_teleport(cost_spec(name, shared, DEFAULT_COST_VARIANTS), seed=5)
+             for name in DEFAULT_COST_VARIANTS}
+    assert all(cb.seed == 5 and cb.schedule.warmup_epochs == 1 for cb in built.values())
+    paper, authors, rescale = built["paper"], built["authors"], built["rescale"]
+    assert (paper.teleporter.name, paper.trigger.rule, paper.transfer.policy) == ("lora", "majority", "htr")
+    assert (authors.teleporter.name, authors.trigger.rule, authors.teleporter.config.inner_steps) == ("lora", "any", 100)
+    assert (authors.schedule.warmup_fraction, authors.schedule.max_per_epoch) == (0.25, 1)
+    assert (rescale.teleporter.name, rescale.teleporter.config.objective, rescale.transfer.policy) == (
+        "rescale", "conflict", "transport")
+    with pytest.raises((TypeError, ValueError)):
+        build_teleport({"schedule": {"every_other": 1}}, 0)  # the callback's own validation
 
 
 def test_teleport_records_reads_dict_and_dataclass_histories() -> None:
@@ -95,6 +97,12 @@ def test_teleport_records_reads_dict_and_dataclass_histories() -> None:
         {"step": 3, "accepted": True, "seconds": 0.5}]
     assert teleport_records(SimpleNamespace(history=[{"step": 4, "accepted": False}])) == [
         {"step": 4, "accepted": False}]
+    from lightning_cost.teleport import GradientStats, TeleportRecord
+
+    rec = TeleportRecord(step=2, epoch=0, teleporter="lora", accepted=True,
+                         before=GradientStats([1.0, 2.0], 1.5, [0.5, 0.9], 0.5, 0))
+    (d,) = teleport_records(SimpleNamespace(history=[rec]))
+    assert d["before"]["mean_norm"] == 1.5 and d["after"] is None and d["teleporter"] == "lora"
 
 
 def test_command_line_dicts_merge_into_the_config_files(tmp_path: Path) -> None:
@@ -156,14 +164,17 @@ def test_results_default_outside_the_source_tree(tmp_path: Path, monkeypatch) ->
     assert src not in default_out("x").parents
 
 
-def test_configs_parse_and_every_variant_is_a_preset() -> None:
+def test_configs_parse_and_every_variant_builds_its_callback() -> None:
+    from benchmarks.runner.variants import build_teleport
+
     files = sorted(CONFIGS.rglob("*.yaml"))
     assert len(files) >= 19
     for f in files:
         settings, _ = config_from_argv(["--config", str(f)])
         cfg = RunnerConfig(**settings)
         for c in cfg.cost:
-            assert c == "none" or isinstance(cfg.spec(c), dict), (f, c)
+            if c != "none":
+                build_teleport(cfg.spec(c), 0)  # the callback validates every setting of the preset
 
 
 def test_verdict_configs_choose_full_sets_and_the_grid() -> None:

@@ -61,6 +61,10 @@ class _PaperEvalMixin:
     def _task_loss(self, spec, out: dict[str, Tensor], y: Any, k: int) -> Tensor:
         return paper_task_loss(spec, out[spec.name], _target(y, k, spec.name), self.regression_loss)
 
+    @staticmethod
+    def _batch_size(y: Any) -> int:
+        return _batch_size(y)
+
     def _eval_step(self, batch: Any, metrics: nn.ModuleDict) -> None:
         x, y = batch
         out = self.net(x)
@@ -104,22 +108,7 @@ class _PaperEvalMixin:
 class PaperMTLModule(_PaperEvalMixin, MTLBenchModule):
     """:class:`~benchmarks.models.modules.MTLBenchModule` for the paper's data sets (module docstring)."""
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch
-        out = self.net(x)
-        losses = {s.name: self._task_loss(s, out, y, k) for k, s in enumerate(self.specs)}
-        bs = _batch_size(y)
-        for name, v in losses.items():
-            self.log(f"train/{name}/loss", v.detach(), on_step=False, on_epoch=True, batch_size=bs)
-        return losses
-
 
 class PaperSingleTaskModule(_PaperEvalMixin, SingleTaskModule):
     """:class:`~benchmarks.models.modules.SingleTaskModule` for the paper's data sets (module docstring)."""
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        out = self.net(x)
-        loss = self._task_loss(self.spec, out, y, self.col)
-        self.log(f"train/{self.task}/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=_batch_size(y))
-        return loss

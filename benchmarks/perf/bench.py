@@ -424,39 +424,30 @@ def bench_solve_and_peers(jacs: dict[str, tuple[Tensor, Tensor, float, bool]], r
 # --------------------------------------------------------------------------- 4. teleport
 
 
-class ForceTeleport(L.Callback):
-    """Forces one teleport per epoch (the callback's default limit) on the epoch's 2nd batch."""
-
-    def __init__(self, teleport_cb: Any, from_epoch: int = 1) -> None:
-        self.cb, self.from_epoch = teleport_cb, from_epoch
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.current_epoch >= self.from_epoch and batch_idx == 1:
-            self.cb.force_next = True
-
-
 def bench_teleport(cfg: dict[str, Any], ls_step_ms: float | None) -> dict[str, Any]:
-    from lightning_cost.teleport.callback import SymmetryTeleportCallback
+    """One forced teleport per epoch (the callback's defaults otherwise) on each epoch's 2nd batch, after a
+    warm-up epoch: its time against a training step."""
+    from benchmarks.runner.variants import build_teleport, teleport_records
 
     per_epoch = 3
     ds, bs = dataset("lenet", 2, per_epoch)
     model = build("lenet", 2, "ls")
-    tele = SymmetryTeleportCallback()  # default settings
+    tele = build_teleport({"schedule": {"every": per_epoch, "warmup_epochs": 1}}, 0)  # forced at step % 3 == 1
     timer = BatchTimer()
     epochs = cfg["teleports"] + 1  # epoch 0 is warm-up
     with quiet(everything=True):
-        quiet_trainer([tele, ForceTeleport(tele), timer], max_epochs=epochs).fit(
-            model, DataLoader(ds, batch_size=bs, shuffle=False))
-    secs = [h["seconds"] * 1e3 for h in tele.history]
+        quiet_trainer([tele, timer], max_epochs=epochs).fit(model, DataLoader(ds, batch_size=bs, shuffle=False))
+    history = teleport_records(tele)
+    secs = [h["seconds"] * 1e3 for h in history]
     # steps without a teleport, after the first epoch (the teleport batch itself is excluded)
     step_times = [t for i, t in enumerate(timer.ms) if i >= per_epoch and i % per_epoch != 1]
     step_ms = statistics.median(step_times)
     mean_tp = statistics.mean(secs) if secs else float("nan")
-    return {"teleports": len(secs), "accepted": sum(bool(h["accepted"]) for h in tele.history),
+    return {"teleports": len(secs), "accepted": sum(bool(h["accepted"]) for h in history),
             "teleport_ms_mean": mean_tp, "teleport_ms_all": secs, "step_ms_with_jacobian": step_ms,
             "ratio_teleport_vs_step": _ratio(mean_tp, step_ms),
             "ratio_teleport_vs_ls_step": _ratio(mean_tp, ls_step_ms) if ls_step_ms else None,
-            "settings": "SymmetryTeleportCallback() defaults: inner_steps=10, num_perturbations=5, rank=5"}
+            "settings": "SymmetryTeleportCallback defaults (the LoRA teleporter, LoRAConfig())"}
 
 
 # --------------------------------------------------------------------------- 5. trigger

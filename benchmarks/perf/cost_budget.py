@@ -11,7 +11,7 @@ Sections (``--sections``, default ``budget``):
   8000 training composites, 2 epochs, batch 256, Adam lr 1e-3, FairGrad alpha 2), with Delta-m%
   (eq. 14, against single-task baselines trained the same way) beside it. The ceil(K/2) trigger never
   fires on MultiMNIST (K = 2) at these settings, so the budget axis *forces* teleports:
-  ``max_teleports_per_epoch = b`` and ``teleport_every = steps_per_epoch // b`` (evenly spaced, the
+  schedule ``max_per_epoch = b`` and ``every = steps_per_epoch // b`` (evenly spaced, the
   callback's own option), for ``b`` in ``--budgets`` teleports per epoch, and one curve per
   ``--inner-steps`` value (``T[@LR][:nohtr]``: T inner steps at inner lr LR, optionally without
   HTR). ``cost-default`` is COST exactly as main.yaml configures it (trigger-driven); ``cost-b0``
@@ -214,12 +214,18 @@ def _run_point(dm: Any, cfg: RunnerConfig, p: dict[str, Any], seed: int, rep: in
     row = {**p, "seed": seed, "rep": rep, "key": key, "wall_s": r["wall_time_s"], "test": r["test"],
            "delta_m": run_delta_m(r["test"], base["metrics"], base["higher_is_better"]),
            "teleports": r["teleports"], "rejected": r["rejected_teleports"], "teleport_s": r["teleport_seconds"],
-           "trigger_ratio": r[f"trigger_ratio_{spec.get('trigger', 'majority') if spec else 'majority'}"],
+           "trigger_ratio": r[f"trigger_ratio_{_rule(spec)}"],
            "checked_steps": r["checked_steps"], "skipped_steps": r["skipped_steps"],
            **summarize_history(r["teleport_history"])}
     log(f"    {row['wall_s']:.1f}s, teleports {row['teleports']}, delta_m {row['delta_m']:.2f}")
     write_json(path, row)
     return row
+
+
+def _rule(spec: dict[str, Any] | None) -> str:
+    """The trigger rule a callback spec uses (``majority`` unless it says otherwise)."""
+    trigger = (spec or {}).get("trigger", "majority")
+    return trigger if isinstance(trigger, str) else trigger.get("rule", "majority")
 
 
 def _point_summary(p: dict[str, Any], rs: list[dict[str, Any]], fg_dm: float) -> dict[str, Any]:
@@ -361,17 +367,10 @@ def render(res: dict[str, Any]) -> str:
               f"silent); forced points within the target: {t['forced_points_within_target']}")
     if "levers" in res:
         lv = res["levers"]
-        rows = [[r["dataset"], r["batch_size"], r["ms"]["perturbed_loop"], r["ms"]["perturbed_vmap"],
-                 r["vmap_over_loop"], r["lg_rel_diff"], r["ms"]["fwd_peft_branch"], r["ms"]["fwd_merged_weight"],
-                 r["merged_over_peft_fwd"], r["merged_over_peft_fwd_bwd"]] for r in lv["forward_paths"]]
-        parts.append(_table("2a. n~=5 perturbed losses (ms): loop vs vmap; adapter forward (ms): PEFT branch vs "
-                            "merged weight",
-                            ["data", "batch", "loop", "vmap", "vmap/loop", "L_g rel diff", "peft fwd", "merged fwd",
-                             "merged/peft", "(fwd+bwd)"], rows))
         rows = [[r["inner_steps"], r["inner_lr"], r["accepted"], r["teleport_s_mean"], r["loss_drift_mean"],
                  r["displacement_rel_mean"], r["grad_norm_ratio_mean"], r["lt_final_mean"], r["lg_gain_rel_mean"],
                  r["sigma_mean"]] for r in lv["inner_steps"]]
-        parts.append(_table("2b. inner steps x inner lr (MultiMNIST FairGrad, forced teleports in one epoch)",
+        parts.append(_table("2a. inner steps x inner lr (MultiMNIST FairGrad, forced teleports in one epoch)",
                             ["steps", "lr", "accepted", "s/teleport", "loss drift", "|dθ|/|θ|", "|g| after/before",
                              "L_t final", "L_g gain", "sigma"], rows))
         rows = []
@@ -379,7 +378,7 @@ def render(res: dict[str, Any]) -> str:
             for k, v in r.items():
                 if isinstance(v, dict):
                     rows.append([ds, r["K"], k, v["unchecked_step_ms"], v["checked_step_ms"], v["ratio"]])
-        parts.append(_table("2c/2d. step time with the trigger checked vs not (check_every=2, same run)",
+        parts.append(_table("2b. step time with the trigger checked vs not (check_every=2, same run)",
                             ["data", "K", "variant", "plain step ms", "checked step ms", "ratio"], rows))
     if "agreement" in res:
         rows = []
@@ -414,16 +413,10 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         plot_budget(res["budget"], out / "cost_budget.png")
     cfg = runner_config(args.quick, args.threads)
     if "levers" in args.sections:
-        from benchmarks.perf.levers import lever_forward_paths, lever_inner_steps, lever_step_costs
+        from benchmarks.perf.levers import lever_inner_steps, lever_step_costs
 
         log("2. levers ...")
-        mm_kw = dict(cfg.data_kw)
-        res["levers"] = {
-            "forward_paths": [lever_forward_paths("multimnist", mm_kw, sizes["lever_reps"]),
-                              lever_forward_paths("yeast", {"batch_size": 64}, sizes["lever_reps"])],
-        }
-        res["levers"]["inner_steps"] = lever_inner_steps(sizes, cfg, log)
-        res["levers"]["step_costs"] = lever_step_costs(sizes, cfg)
+        res["levers"] = {"inner_steps": lever_inner_steps(sizes, cfg, log), "step_costs": lever_step_costs(sizes, cfg)}
     if "agreement" in args.sections:
         from benchmarks.perf.agreement import bench_agreement
 

@@ -73,45 +73,20 @@ def cost_spec(variant: str, cost_kw: Mapping[str, Any], variants: Mapping[str, A
     return deep_merge(cost_kw, variants[variant])
 
 
-_SCHEDULE_NAMES = {"warmup_epochs": "warmup_epochs", "warmup_steps": "warmup_steps",
-                   "max_per_epoch": "max_teleports_per_epoch", "min_steps_between": "min_steps_between",
-                   "check_every": "check_every", "every": "teleport_every"}
-_TRANSFER = {"htr": True, "keep": False, None: None}
-
-
 def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
     """The teleport callback of a COST variant's ``spec`` (:func:`cost_spec`), seeded with ``seed``.
 
-    ``spec`` uses the grouped arguments (``teleporter``, ``trigger``, ``schedule``, ``transfer``,
-    ``teleport_batches``); they are translated here to the flat arguments of
-    :class:`~lightning_cost.SymmetryTeleportCallback` (a name it does not know is passed as is). The
-    LoRA teleporter is the only one, and HTR or keeping the optimizer state the only transfers, that
-    the flat arguments can express; other choices raise ``ValueError``.
+    ``spec`` holds :class:`~lightning_cost.SymmetryTeleportCallback`'s arguments (``teleporter``,
+    ``trigger``, ``schedule``, ``transfer``, ``teleport_batches``, ...); the callback validates them.
     """
     from lightning_cost import SymmetryTeleportCallback
 
-    kw = {k: v for k, v in spec.items() if k not in ("teleporter", "schedule", "transfer")}
-    teleporter = spec.get("teleporter", "lora")
-    teleporter = {"name": teleporter} if isinstance(teleporter, str) else dict(teleporter)
-    if teleporter.pop("name", "lora") != "lora":
-        raise ValueError(f"teleporter {spec.get('teleporter')!r}: this SymmetryTeleportCallback has the LoRA "
-                         "teleporter only")
-    kw.update(teleporter)
-    for key, value in dict(spec.get("schedule") or {}).items():
-        if key not in _SCHEDULE_NAMES:
-            raise ValueError(f"schedule {key!r} is not an argument of this SymmetryTeleportCallback "
-                             f"(known: {', '.join(_SCHEDULE_NAMES)})")
-        kw[_SCHEDULE_NAMES[key]] = value
-    transfer = spec.get("transfer")
-    if transfer not in _TRANSFER:
-        raise ValueError(f"transfer {transfer!r}: this SymmetryTeleportCallback knows 'htr' and 'keep'")
-    if _TRANSFER[transfer] is not None:
-        kw["use_htr"] = _TRANSFER[transfer]
-    return SymmetryTeleportCallback(**{**kw, "seed": seed})
+    return SymmetryTeleportCallback(**{**spec, "seed": seed})
 
 
 def teleport_records(callback: Any) -> list[dict[str, Any]]:
-    """The callback's teleport history as plain dicts (records may be dataclasses or dicts)."""
+    """The callback's teleport history as plain dicts (``TeleportRecord`` dataclasses, nested ``before`` /
+    ``after`` gradient statistics included)."""
     return [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in callback.history]
 
 
