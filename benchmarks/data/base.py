@@ -194,16 +194,21 @@ def split_indices(n: int, fractions: Sequence[float], seed: int) -> tuple[np.nda
 
 
 class MultiTaskDataModule(L.LightningDataModule):
-    """Shared loader logic; subclasses implement ``_build()`` setting the datasets and specs."""
+    """Shared loader logic; subclasses implement ``_build()`` setting the datasets and specs.
+
+    Loader settings (every subclass takes them as keywords): ``eval_batch_size`` (default: the larger of
+    ``batch_size`` and 512), ``num_workers``, ``pin_memory``, ``drop_last`` (``None``: drop a last training
+    batch of one sample, which breaks BatchNorm).
+    """
 
     def __init__(
         self,
         batch_size: int,
-        eval_batch_size: int | None,
-        num_workers: int,
-        seed: int,
-        pin_memory: bool,
-        drop_last: bool | None,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool | None = None,
     ) -> None:
         super().__init__()
         self.batch_size = int(batch_size)

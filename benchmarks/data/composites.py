@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -91,12 +92,9 @@ class MultiMNISTDataModule(MultiTaskDataModule):
         resize_mode: str = "nearest",
         normalize: bool = True,
         test_seed: int = 0,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory, drop_last)
+        super().__init__(batch_size, seed=seed, **loader)  # eval_batch_size, num_workers, ... (base class)
         self.path = path
         self.path_left = path_left if path_left is not None else path
         self.path_right = path_right if path_right is not None else path

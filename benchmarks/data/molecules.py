@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -256,12 +257,9 @@ class MoleculeDataModule(MultiTaskDataModule):
         drop_unlabelled: bool = True,
         cache_dir: str | os.PathLike | None = None,
         use_cache: bool = True,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory, drop_last)
+        super().__init__(batch_size, seed=seed, **loader)  # eval_batch_size, num_workers, ... (base class)
         if task_type not in (None, "binary", "regression"):
             raise ValueError(f"task_type must be None, 'binary' or 'regression', got {task_type!r}")
         if split not in ("random", "scaffold"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +40,9 @@ class MultiLabelDataModule(MultiTaskDataModule):
         seed: int = 0,
         *,
         standardize: bool = True,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, num_workers, seed, pin_memory, drop_last)
+        super().__init__(batch_size, seed=seed, **loader)  # eval_batch_size, num_workers, ... (base class)
         self.path = path
         self.fractions = tuple(fractions)
         self.standardize = standardize

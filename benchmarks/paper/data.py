@@ -112,7 +112,13 @@ def resolve_root(root: str | os.PathLike | None, default: str) -> Path:
 
 
 class _PaperDataModule(MultiTaskDataModule):
-    """The base class's loaders (with its ``collate_fn`` hook) over lazily read data sets."""
+    """The base class's loaders (with its ``collate_fn`` hook) over lazily read data sets; the evaluation
+    batch defaults to the training batch (these inputs are large)."""
+
+    def __init__(self, root: str | os.PathLike | None, batch_size: int, seed: int,
+                 eval_batch_size: int | None = None, **loader: Any) -> None:
+        super().__init__(batch_size, eval_batch_size or batch_size, seed=seed, **loader)
+        self.root_arg = root
 
     #: the folder under the data root read when no ``root`` is given
     DEFAULT_FOLDER = "."
@@ -255,13 +261,9 @@ class DenseNpyDataModule(_PaperDataModule):
         augment: bool = True,
         num_train: int | None = None,
         num_test: int | None = None,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or batch_size, num_workers, seed, pin_memory, drop_last)
-        self.root_arg = root
+        super().__init__(root, batch_size, seed, **loader)  # eval_batch_size, num_workers, ... (base classes)
         self.num_classes = int(num_classes or self.NUM_CLASSES)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
@@ -472,13 +474,9 @@ class CelebADataModule(_PaperDataModule):
         num_train: int | None = None,
         num_val: int | None = None,
         num_test: int | None = None,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or batch_size, num_workers, seed, pin_memory, drop_last)
-        self.root_arg = root
+        super().__init__(root, batch_size, seed, **loader)  # eval_batch_size, num_workers, ... (base classes)
         size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
@@ -677,13 +675,9 @@ class QM9DataModule(_PaperDataModule):
         num_test: int = 10_000,
         num_train: int | None = None,
         report_mev: bool = True,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or batch_size, num_workers, seed, pin_memory, drop_last)
-        self.root_arg = root
+        super().__init__(root, batch_size, seed, **loader)  # eval_batch_size, num_workers, ... (base classes)
         self.targets = tuple(int(t) for t in targets)
         if not self.targets or any(t not in QM9_NAMES for t in self.targets) or len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets must be distinct PyG QM9 columns in 0..18, got {tuple(targets)}")
