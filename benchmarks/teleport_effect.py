@@ -95,8 +95,8 @@ def build(name: str, data_root: str | None) -> tuple[L.LightningModule, torch.ut
     if name == "mlp3":
         return ReluMLP3(), _loader(conflicting_regression(), 64, 0), 200
     from benchmarks import make_datamodule, make_model
-    from benchmarks.lit import MTLBenchModule
     from benchmarks.models import MultiTaskNet, make_heads
+    from benchmarks.models.modules import MTLBenchModule
 
     kw = {} if data_root is None else {"path": str(Path(data_root) / ("mnist.npz" if name != "fpmlp" else
                                                                        "molecules/tox21.csv.gz"))}

@@ -19,17 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
-from benchmarks import make_datamodule, make_model, module_classes
-from lightning_cost import SymmetryTeleportCallback
+from benchmarks.common import finite_mean, quiet_trainer
+from benchmarks.conflicts import ConflictCounter
+from benchmarks.registry import make_datamodule, make_model, module_classes
+from benchmarks.runner.variants import build_teleport, deep_merge, teleport_records
 from lightning_cost.teleport.trigger import ConflictTrigger
 
 __all__ = ["run", "main", "plot"]
@@ -43,69 +43,61 @@ DEFAULT_DATA_KW: dict[str, dict[str, Any]] = {
 }
 
 
-class ConflictCounter(L.Callback):
-    """Per optimizer step: the number of tasks whose gradient conflicts with the mean (eq. 3)."""
-
-    def __init__(self) -> None:
-        self.per_step: list[int] = []
-        self.trigger = ConflictTrigger(rule="majority")
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
-        rec = getattr(pl_module, "mtl_step", None)
-        if rec is None or rec.jacobian is None or rec.skipped or not rec.finite:
-            return
-        # the trigger's own path (reads the core's Gramian when there is one); "majority" counts cos < 0
-        self.per_step.append(self.trigger(rec.jacobian, gramian=rec.gramian).num_conflicting)
+def _teleport_spec(rule: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The callback of one run: ``rule``'s trigger, the teleport budget, forced teleports every
+    ``--force-every`` steps (forced at steps with step % N == N // 2), plus ``--cost-kw``."""
+    schedule = {"max_per_epoch": args.max_per_epoch, "min_steps_between": args.min_steps_between,
+                "every": args.force_every}
+    return deep_merge({"trigger": rule, "schedule": schedule}, args.cost_kw)
 
 
-def _mean(xs: list[float]) -> float:
-    return statistics.fmean(xs) if xs else float("nan")
+def measured(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The accepted teleports measured before and after (``TeleportRecord.before`` / ``.after``)."""
+    return [r for r in history if r["accepted"] and r.get("before") and r.get("after")]
+
+
+def _teleport_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+    acc = measured(history)
+    return {
+        "teleports": len(history),
+        "accepted": sum(bool(r["accepted"]) for r in history),
+        "teleport_ms_mean": 1000 * finite_mean([r["seconds"] for r in history]),
+        "loss_drift_mean": finite_mean([r["loss_drift"] for r in acc]),
+        **{f"{what}_{when}_mean": finite_mean([r[when][key] for r in acc])
+           for what, key in (("grad_norm", "mean_norm"), ("conflicts", "conflicts"), ("min_cos", "min_cos"))
+           for when in ("before", "after")},
+        "grad_norm_ratio_mean": finite_mean([r["after"]["mean_norm"] / r["before"]["mean_norm"] for r in acc]),
+    }
 
 
 def run(dataset: str, rule: str, args: argparse.Namespace) -> dict[str, Any]:
     """One training run of ``args.method`` + COST on ``dataset`` with trigger ``rule``."""
+    tele = build_teleport(_teleport_spec(rule, args), args.seed)
+    counter = ConflictCounter()  # before the teleport: it counts each step's own gradients
     L.seed_everything(args.seed, verbose=False)
     data_kw = {**DEFAULT_DATA_KW.get(dataset, {}), **args.data_kw.get(dataset, {})}
     dm = make_datamodule(dataset, seed=args.seed, **data_kw)
     dm.setup("fit")
     mtl_cls, _ = module_classes(dm)  # the paper's dense data sets need their own module
     model = mtl_cls(make_model(dm), dm.task_specs, method=args.method, lr=args.lr)
-    # --force-every is the callback's own ``teleport_every`` (forced at steps with step % N == N // 2)
-    cost_kw = {"teleport_every": args.force_every, **args.cost_kw}
-    tele = SymmetryTeleportCallback(trigger=rule, max_teleports_per_epoch=args.max_per_epoch,
-                                    min_steps_between=args.min_steps_between, seed=args.seed, **cost_kw)
-    counter = ConflictCounter()
-    callbacks: list[L.Callback] = [counter, tele]
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-                        callbacks=callbacks)
+    trainer = quiet_trainer([counter, tele], max_epochs=args.epochs)
     start = time.perf_counter()
     trainer.fit(model, dm.train_dataloader())
     wall = time.perf_counter() - start
-    acc = [r for r in tele.history if r["accepted"]]
+    history = teleport_records(tele)
     k = len(dm.task_specs)
     return {
         "dataset": dataset,
         "num_tasks": k,
         "rule": rule,
-        "threshold": tele.trigger.threshold(k) if rule == "majority" else 1,
+        "threshold": ConflictTrigger.threshold(k) if rule == "majority" else 1,
         "steps": trainer.global_step,
         "wall_s": wall,
         "forced_every": args.force_every,
-        "teleports": len(tele.history),
-        "accepted": len(acc),
-        "trigger_ratio_per_epoch": [round(e["trigger_ratio"], 4) for e in tele.epoch_stats],
-        "conflicting_tasks_histogram": dict(sorted(Counter(counter.per_step).items())),
-        "teleport_ms_mean": 1000 * _mean([r["seconds"] for r in tele.history]),
-        "loss_drift_mean": _mean([r["loss_drift"] for r in acc]),
-        "grad_norm_before_mean": _mean([r["grad_norm_before"] for r in acc]),
-        "grad_norm_after_mean": _mean([r["grad_norm_after"] for r in acc]),
-        "grad_norm_ratio_mean": _mean([r["grad_norm_after"] / r["grad_norm_before"] for r in acc]),
-        "conflicts_before_mean": _mean([r["conflicts_before"] for r in acc]),
-        "conflicts_after_mean": _mean([r["conflicts_after"] for r in acc]),
-        "min_cos_before_mean": _mean([min(r["cosines_before"]) for r in acc]),
-        "min_cos_after_mean": _mean([min(r["cosines_after"]) for r in acc]),
-        "history": tele.history,
+        "trigger_ratio_per_epoch": [round(e[f"trigger_ratio_{rule}"], 4) for e in counter.per_epoch()],
+        "conflicting_tasks_histogram": counter.histogram("majority"),
+        **_teleport_summary(history),
+        "history": history,
     }
 
 
@@ -152,13 +144,13 @@ def plot(results: list[dict[str, Any]], out: Path) -> list[Path]:
     a, b = fig.subplots(1, 2)
     markers = "osD^v<>p*h"
     for i, ds in enumerate(datasets):
-        ev = [h for r in results if r["dataset"] == ds for h in r["history"] if h["accepted"]]
+        ev = [h for r in results if r["dataset"] == ds for h in measured(r["history"])]
         if not ev:
             continue
-        before = [h["grad_norm_before"] for h in ev]
-        after = [h["grad_norm_after"] for h in ev]
+        before = [h["before"]["mean_norm"] for h in ev]
+        after = [h["after"]["mean_norm"] for h in ev]
         a.scatter(before, after, marker=markers[i % len(markers)], s=18, label=ds)
-        b.scatter([min(h["cosines_before"]) for h in ev], [min(h["cosines_after"]) for h in ev],
+        b.scatter([h["before"]["min_cos"] for h in ev], [h["after"]["min_cos"] for h in ev],
                   marker=markers[i % len(markers)], s=18, label=ds)
     for ax, name in ((a, "total gradient norm ||g0||"), (b, "min_i cos(g_i, g0)")):
         lo, hi = ax.get_xlim()

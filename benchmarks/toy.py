@@ -1,6 +1,6 @@
 """The 2-task, 2-parameter toy problem (CAGrad / Nash-MTL / FAMO; the COST paper's Fig. 6) in Lightning.
 
-The problem (NOTES.md sec. 4, the same as ``toy.py`` of the CAGrad code)::
+The problem (the same as ``toy.py`` of the CAGrad code)::
 
     x = (x1, x2);  LOWER = 5e-6
     f1 = log(max(|0.5*(-x1-7) - tanh(-x2)|, LOWER)) + 6
@@ -76,7 +76,7 @@ outer lr (the authors' rule), 5 perturbations, the paper's trigger (eq. 4; for `
 with ``cos(g_i, g_0) < 0``), HTR, and the acceptance test (every task loss within 5% of its value
 before the teleport, + 1e-4). Changed for the toy: the perturbation radius ``delta = 0.1`` (not
 ``1e-2``: a coordinate here is O(1), the ``tanh`` features vary over ~1 unit); a warm-up (no teleport
-in the first 10% of the steps); and the spacing: one long epoch (``max_teleports_per_epoch=None``) and
+in the first 10% of the steps); and the spacing: one long epoch (schedule ``max_per_epoch=None``) and
 at least 20 optimizer steps between two teleports (``min_steps_between=20``, ~200 of the papers'
 steps); the trigger still decides. What was tried (LS, on this toy): inner lr 0.05 with 20 inner steps
 is mostly rejected (a step of the inner Adam leaves the narrow valleys); spacings of 10, 25 and 50 steps
@@ -85,7 +85,7 @@ the spacing (20 halves the cost of 10). Why so: with 2 parameters and 2 losses h
 loss-preserving set is (generically) a point, so a teleport can only move ``x`` inside the tolerance
 band (in the valleys by ~1e-3 to 1e-2). COST acts here mostly through HTR: when the displacement has a
 non-positive cosine with the pre-teleport gradient (``sigma <= 0``) Adam's moments restart from the next
-gradient, which un-sticks the slow drift along a valley; with ``use_htr=False`` the same teleports
+gradient, which un-sticks the slow drift along a valley; with ``transfer="keep"`` the same teleports
 changed nothing (LS from the two stuck inits).
 
 Run::
@@ -99,15 +99,13 @@ recorded point; ``--replot`` redraws from it) and ``DIR/toy.png``, and prints a 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
-import logging
 import math
 import os
 import platform
 import time
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +114,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import quiet
+from benchmarks.runner.variants import deep_merge, teleport_records
 from lightning_cost import MultiTaskMixin, SymmetryTeleportCallback
+from lightning_cost.teleport import LoRAConfig
 
 __all__ = [
     "DEFAULT_LR",
@@ -166,20 +167,14 @@ DEFAULT_STEPS = 2000
 DEFAULT_LR = 1e-2
 #: Settings of :class:`SymmetryTeleportCallback` on the toy (see the module doc); the warm-up is
 #: ``TOY_WARMUP_FRACTION`` of the steps.
-TOY_COST: dict[str, Any] = dict(
-    gamma=0.05,
-    inner_steps=10,
-    inner_lr=None,
-    num_perturbations=5,
-    radius=0.1,
-    trigger="majority",
-    max_teleports_per_epoch=None,
-    min_steps_between=20,
-    loss_tolerance=0.05,
-    abs_tolerance=1e-4,
-    use_htr=True,
-    seed=0,
-)
+TOY_COST: dict[str, Any] = {
+    # the paper's LoRA objective (eqs. 7-11 as published) with the toy's perturbation radius
+    "teleporter": {"name": "lora", **dataclasses.asdict(LoRAConfig.paper(radius=0.1))},
+    "trigger": "majority",
+    "schedule": {"max_per_epoch": None, "min_steps_between": 20},
+    "transfer": "htr",
+    "seed": 0,
+}
 TOY_WARMUP_FRACTION = 0.1
 
 
@@ -256,9 +251,13 @@ class ToyMTL(MultiTaskMixin, L.LightningModule):
         self.betas = (float(betas[0]), float(betas[1]))
         self.configure_multitask(["L1", "L2"], shared=[self.x], method=method, **hparams)
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def compute_task_losses(self, batch: Any) -> dict[str, Tensor]:
+        """The two losses at ``x`` (the batch is a dummy): pure, so a teleport can evaluate it freely."""
         losses = toy_losses(self.x, self.l1_scale)
         return {"L1": losses[0], "L2": losses[1]}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        return self.compute_task_losses(batch)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr, betas=self.betas)
@@ -306,7 +305,7 @@ class TrajectoryRecorder(L.Callback):
                              batch_idx: int) -> None:
         self._x_before = pl_module.x.detach().clone()
         tele = self._teleporter(trainer)
-        self._seen = len(tele.history) if tele is not None else 0
+        self._seen = len(teleport_records(tele)) if tele is not None else 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -314,10 +313,13 @@ class TrajectoryRecorder(L.Callback):
         x = pl_module.x.detach()
         tele = self._teleporter(trainer)
         jumped = False
-        if tele is not None and len(tele.history) > self._seen:
-            for rec in tele.history[self._seen:]:
-                event = {k: rec[k] for k in ("step", "accepted", "reason", "losses_before", "losses_after",
-                                             "conflicts_before", "conflicts_after", "sigma") if k in rec}
+        history = teleport_records(tele) if tele is not None else []
+        if len(history) > self._seen:
+            for rec in history[self._seen:]:
+                event = {k: rec[k] for k in ("step", "accepted", "moved", "reason", "losses_before", "losses_after",
+                                             "sigma") if k in rec}
+                for when in ("before", "after"):  # the trigger's conflict count on the teleport's batch
+                    event[f"conflicts_{when}"] = rec[when]["conflicts"] if rec.get(when) else None
                 if rec["accepted"] and self._x_before is not None:
                     event["x_before"] = self._x_before.double().tolist()
                     event["x_after"] = x.double().tolist()
@@ -335,25 +337,6 @@ class TrajectoryRecorder(L.Callback):
 
 
 # ---------------------------------------------------------------------------------------- one run
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Silence, for one run, what a 2-parameter run triggers by design (no workers, no GPU, solver accuracy,
-    skipped steps and rejected teleports: those are counted in the record). Restores everything after."""
-    names = ("lightning.pytorch", "lightning.fabric", "lightning_cost.mixin", "lightning_cost.teleport.callback")
-    levels = {n: logging.getLogger(n).level for n in names}
-    with warnings.catch_warnings():
-        for pattern in (".*does not have many workers.*", ".*GPU available but not used.*", ".*TPU available.*",
-                        ".*Solution may be inaccurate.*", ".*LeafSpec.*"):
-            warnings.filterwarnings("ignore", pattern)
-        for n in names:
-            logging.getLogger(n).setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            for n, level in levels.items():
-                logging.getLogger(n).setLevel(level)
-
-
 def rescaled_betas(lr: float) -> tuple[float, float]:
     """Adam betas that keep the papers' run (lr ``1e-3``, betas ``(0.9, 0.999)``) in continuous time.
 
@@ -364,11 +347,11 @@ def rescaled_betas(lr: float) -> tuple[float, float]:
     return tuple(round(max(0.0, 1.0 - s * (1.0 - beta)), 12) for beta in PAPER_BETAS)  # type: ignore[return-value]
 
 
-def cost_settings(steps: int, **overrides: Any) -> dict[str, Any]:
-    """The :class:`SymmetryTeleportCallback` arguments on the toy (:data:`TOY_COST`) for a run of ``steps``."""
-    kw = dict(TOY_COST, warmup_steps=int(TOY_WARMUP_FRACTION * steps))
-    kw.update(overrides)
-    return kw
+def cost_settings(steps: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The :class:`SymmetryTeleportCallback` arguments on the toy (:data:`TOY_COST`, a warm-up of
+    ``TOY_WARMUP_FRACTION`` of ``steps``) for a run of ``steps``, ``overrides`` merged over them."""
+    kw = deep_merge(TOY_COST, {"schedule": {"warmup_steps": int(TOY_WARMUP_FRACTION * steps)}})
+    return deep_merge(kw, overrides or {})
 
 
 def run_one(method: str, init: Sequence[float], cost: bool, steps: int = DEFAULT_STEPS, lr: float = DEFAULT_LR,
@@ -388,10 +371,10 @@ def run_one(method: str, init: Sequence[float], cost: bool, steps: int = DEFAULT
     model = ToyMTL(init, method=method, l1_scale=scale, lr=lr, betas=b, **method_hparams(method, scale))
     recorder = TrajectoryRecorder(every=record_every, tol=tol)
     cbs: list[L.Callback] = [recorder, *callbacks]
-    teleporter = SymmetryTeleportCallback(**cost_settings(steps, **(cost_overrides or {}))) if cost else None
+    teleporter = SymmetryTeleportCallback(**cost_settings(steps, cost_overrides)) if cost else None
     if teleporter is not None:
         cbs.append(teleporter)
-    with _quiet():
+    with quiet():
         trainer = L.Trainer(
             accelerator="cpu", devices=1, max_steps=steps, max_epochs=1, logger=False, enable_checkpointing=False,
             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=cbs,

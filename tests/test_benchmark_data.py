@@ -434,3 +434,158 @@ def test_lenet_learns_multimnist_beyond_chance(one_thread):
                 update_task_metric(metrics[s.name], s, out[s.name], y[:, k])
     acc = {k: m.compute().item() for k, m in metrics.items()}
     assert all(a > 0.2 for a in acc.values()), acc
+
+
+# --------------------------------------------------------------------------- the verdict's data sets
+
+FASHION = DATA / "fashion_mnist.npz"
+BIRDS = DATA / "multilabel" / "birds.npz"
+TOXCAST = DATA / "molecules" / "toxcast.csv.gz"
+
+
+def _one_step_fit(dm) -> None:
+    """One optimizer step of LS through the benchmark module: shapes, masks and losses fit together."""
+    from benchmarks.common import quiet, quiet_trainer
+    from benchmarks.models.modules import MTLBenchModule
+
+    torch.manual_seed(0)
+    module = MTLBenchModule(make_model(dm), dm.task_specs, method="ls")
+    before = [p.detach().clone() for p in module.parameters()]
+    with quiet():
+        quiet_trainer(max_steps=1).fit(module, dm.train_dataloader())
+    assert module.mtl_skipped_steps == 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters(), strict=True))
+
+
+@pytest.mark.skipif(not (MNIST.is_file() and FASHION.is_file()), reason="mnist.npz / fashion_mnist.npz not found")
+def test_multifashion_mnist_takes_each_item_from_its_own_file(mnist):
+    dm = make_datamodule("multifashion_mnist", num_train=300, num_val=200, num_test=100, normalize=False)
+    assert dm.task_names == ["digit", "fashion"]  # known before reading the files
+    dm.setup()
+    assert dm.data_files() == [MNIST, FASHION]
+    with np.load(FASHION) as z:
+        fashion = {k: z[k] for k in z.files}
+    for split, ds, src in (("train", dm.train_set, "train"), ("test", dm.test_set, "test")):
+        li, ri = dm.source_indices[split]
+        imgs, labels = ds.tensors
+        for k in (0, 7, len(ds) - 1):
+            assert labels[k].tolist() == [int(mnist[f"y_{src}"][li[k]]), int(fashion[f"y_{src}"][ri[k]])]
+            img = imgs[k, 0].numpy()
+            np.testing.assert_allclose(img[:6, :28], mnist[f"x_{src}"][li[k]][:6] / 255.0, atol=1e-6)  # left: a digit
+            np.testing.assert_allclose(img[28:34, 6:34], fashion[f"x_{src}"][ri[k]][22:28] / 255.0, atol=1e-6)
+    for i in (0, 1):  # train and validation items of each file are disjoint
+        assert not set(dm.source_indices["train"][i]) & set(dm.source_indices["val"][i])
+    # one file keeps the single-file construction (MultiFashion)
+    one = make_datamodule("multifashion", num_train=50, num_val=20, num_test=10)
+    assert one.task_names == ["left", "right"] and one.data_files() == [FASHION]
+    _one_step_fit(dm)
+
+
+def test_composites_use_every_training_image_by_default(tmp_path):
+    """Full training sets: num_train=None keeps every official training image (minus num_val for
+    validation); a fabricated 2-file layout with 40 / 30 training images checks the counts."""
+    rng = np.random.default_rng(0)
+    files = []
+    for name, n in (("a", 40), ("b", 30)):
+        f = tmp_path / f"{name}.npz"
+        np.savez(f, x_train=rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), y_train=rng.integers(0, 10, n),
+                 x_test=rng.integers(0, 255, (12, 28, 28), dtype=np.uint8), y_test=rng.integers(0, 10, 12))
+        files.append(f)
+    dm = MultiMNISTDataModule(path_left=files[0], path_right=files[1], num_val=10, batch_size=8)
+    dm.setup()
+    assert dm.task_names == ["a", "b"]
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (30, 10, 12)
+    assert sorted(np.concatenate([dm.source_indices["train"][0], dm.source_indices["val"][0]])) == list(range(40))
+    right = np.concatenate([dm.source_indices["train"][1], dm.source_indices["val"][1]])
+    assert right.max() < 30  # right items come from the second file's 30 images
+
+
+@pytest.mark.skipif(not BIRDS.is_file(), reason=f"{BIRDS} not found")
+def test_birds_reports_tasks_whose_auroc_is_undefined():
+    dm = make_datamodule("birds")
+    dm.setup()
+    assert dm.num_tasks == 19 and all(s.metric == "auroc" for s in dm.task_specs)
+    # independently: the labels with a single class in a split of the same seeded 60/20/20 split
+    with np.load(BIRDS) as z:
+        y, names = z["Y"].astype(float), [str(s) for s in z["labels"]]
+    expected = {}
+    for split, idx in zip(("train", "val", "test"), split_indices(len(y), (0.6, 0.2, 0.2), 0), strict=True):
+        one_class = [n for n, col in zip(names, y[idx].T, strict=True) if len(np.unique(col)) < 2]
+        if one_class:
+            expected[split] = one_class
+    assert dm.undefined_auroc_tasks() == expected and expected["test"]  # e.g. no positive of it in the test split
+    task = expected["test"][0]
+    spec = next(s for s in dm.task_specs if s.name == task)
+    metric = make_task_metric(spec)
+    col = dm.task_names.index(task)
+    metric.update(torch.randn(len(dm.test_set)), dm.test_set.tensors[1][:, col])
+    assert math.isnan(float(metric.compute()))  # undefined: NaN, not 0 or 0.5
+    _one_step_fit(dm)
+
+
+@pytest.mark.skipif(not TOXCAST.is_file(), reason=f"{TOXCAST} not found")
+def test_toxcast40_keeps_the_40_most_labelled_assays():
+    pytest.importorskip("rdkit", reason="RDKit is not installed (pip install rdkit)")
+    import pandas as pd
+
+    dm = make_datamodule("toxcast40")
+    dm.setup()
+    table = pd.read_csv(TOXCAST)
+    labels = table.drop(columns=["smiles"])
+    counts = labels.notna().sum()
+    chosen = labels[dm.target_names]
+    assert dm.num_tasks == 40 and len(set(dm.target_names)) == 40
+    # every chosen assay has at least as many labels as any assay left out
+    assert counts[dm.target_names].min() >= counts.drop(index=dm.target_names).max()
+    # among assays with as many labels, the chosen ones have the larger rarer class
+    tied = counts[counts == counts[dm.target_names].min()].index
+    rarer = labels[tied].apply(lambda c: min((c == 1).sum(), (c == 0).sum()))
+    assert rarer[dm.target_names].min() >= rarer.drop(index=dm.target_names).max()
+    assert list(chosen.columns) == [c for c in labels.columns if c in set(dm.target_names)]  # file order
+    assert dm.resolved_task_type == "binary" and all(s.kind == "binary" for s in dm.task_specs)
+    # kept: the molecules with a label among the 40 assays whose SMILES RDKit parses, in file order
+    invalid = set(dm.invalid_smiles)
+    kept = [i for i in range(len(table)) if chosen.iloc[i].notna().any() and table["smiles"][i] not in invalid]
+    assert list(dm.row_index) == kept
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == len(kept)
+    y = torch.cat([dm.train_set.tensors[1], dm.val_set.tensors[1], dm.test_set.tensors[1]])
+    assert int(torch.isnan(y).sum()) == int(chosen.iloc[kept].isna().sum().sum())  # missing labels stay NaN (masked)
+    _one_step_fit(dm)
+
+
+def test_file_digest_is_cached_by_size_and_mtime(tmp_path, monkeypatch):
+    import hashlib
+    import os
+
+    from benchmarks.data import file_sha256
+
+    monkeypatch.setenv("LIGHTNING_COST_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "d.bin"
+    f.write_bytes(b"abc" * 1000)
+    assert file_sha256(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert (tmp_path / "cache" / "sha256.json").is_file()
+    st = f.stat()
+    f.write_bytes(b"abd" * 1000)  # same size; with the old mtime the cached digest is trusted
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert file_sha256(f) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched: read again
+    assert file_sha256(f) == hashlib.sha256(b"abd" * 1000).hexdigest()
+
+
+def test_formats_read_any_file_and_unknown_names_say_what_exists(tmp_path):
+    from benchmarks import UnknownDatasetError, dataset_title
+
+    f = tmp_path / "my_labels.npz"
+    np.savez(f, X=np.random.default_rng(0).normal(size=(30, 4)).astype(np.float32),
+             Y=(np.arange(60).reshape(30, 2) % 3 == 0).astype(np.float32))
+    dm = make_datamodule("multilabel", path=str(f))
+    dm.setup()
+    assert dm.num_tasks == 2 and dm.file == f
+    assert dataset_title("multilabel", {"path": str(f)}) == "my_labels"
+    assert dataset_title("mnist_composite", {"path_left": "/a/mnist.npz", "path_right": "/b/fashion.npz"}) == \
+        "mnist+fashion"
+    with pytest.raises(ValueError, match="data_kw path"):
+        make_datamodule("molecules")
+    with pytest.raises(UnknownDatasetError) as e:
+        make_datamodule("imagenet")
+    assert "\n" not in str(e.value) and "mnist_composite" in str(e.value) and "toxcast40" in str(e.value)

@@ -1,4 +1,4 @@
-"""The COST-cost benchmark (issue 5) runs end to end, tiny, and writes a well-formed JSON, table and plot."""
+"""The COST-cost benchmark runs end to end, tiny, and writes a well-formed JSON, table and plot."""
 
 from __future__ import annotations
 
@@ -52,11 +52,6 @@ def test_quick_budget_curve(tmp_path):
 def test_quick_levers_and_agreement(tmp_path):
     cost_budget.main(["--quick", "--out", str(tmp_path), "--sections", "levers", "agreement"])
     res = json.loads((tmp_path / "cost_budget.json").read_text())
-    fwd = res["levers"]["forward_paths"]
-    assert [r["dataset"] for r in fwd] == ["multimnist", "yeast"]
-    for r in fwd:
-        assert r["lg_rel_diff"] < 1e-4 and r["max_abs_loss_diff_vmap_vs_loop"] < 1e-4
-        assert all(v > 0 for v in r["ms"].values())
     assert all(r["accepted"] >= 1 and r["teleport_s_mean"] > 0 for r in res["levers"]["inner_steps"])
     costs = res["levers"]["step_costs"]
     assert costs["yeast"]["K"] == 14

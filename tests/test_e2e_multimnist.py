@@ -64,19 +64,16 @@ def test_three_aggregators_beat_chance_on_both_tasks(datamodule, method):
 def test_cost_on_multimnist_teleports_and_still_learns(datamodule):
     L.seed_everything(0)
     model = MultiMNISTNet(datamodule.task_specs, datamodule.in_shape, "fairgrad")
-    tele = SymmetryTeleportCallback(max_teleports_per_epoch=None)
-
-    class Force(L.Callback):  # MultiMNIST's two tasks rarely conflict this early: force two teleports
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            tele.force_next = trainer.global_step in (100, 200)
+    # MultiMNIST's two tasks rarely conflict this early: force two teleports (steps 150 and 250)
+    tele = SymmetryTeleportCallback(schedule={"every": 100, "warmup_steps": 100, "max_per_epoch": None})
 
     L.Trainer(max_steps=300, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-              enable_model_summary=False, limit_val_batches=0, callbacks=[Force(), tele]).fit(
+              enable_model_summary=False, limit_val_batches=0, callbacks=[tele]).fit(
         model, datamodule.train_dataloader())
-    assert [r["step"] for r in tele.history] == [100, 200]
+    assert [r.step for r in tele.history] == [150, 250]
     assert tele.num_teleports >= 1
     for rec in tele.history:
-        if rec["accepted"]:
-            assert rec["loss_drift"] <= tele.loss_tolerance
-            assert rec["grad_norms_after"] and rec["conflicts_after"] >= 0
+        if rec.accepted and rec.moved:
+            assert rec.loss_drift <= tele.teleporter.config.loss_tolerance
+            assert rec.after is not None and rec.after.task_norms and rec.after.conflicts >= 0
     assert (accuracy(model, datamodule) > 0.5).all()

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from benchmarks import make_datamodule, make_model, module_classes
-from benchmarks.paper_data import CelebADataModule, CityScapesDataModule, NYUv2DataModule, QM9DataModule
-from benchmarks.paper_lit import PaperMTLModule, PaperSingleTaskModule
-from benchmarks.paper_tasks import make_paper_metric, normal_task, paper_task_loss, segmentation_task
+from benchmarks.paper.data import CelebADataModule, CityScapesDataModule, NYUv2DataModule, QM9DataModule
+from benchmarks.paper.modules import PaperMTLModule, PaperSingleTaskModule
+from benchmarks.paper.tasks import make_paper_metric, normal_task, paper_task_loss, segmentation_task
 
 TINY_SEGNET = {"filters": [4, 4, 8, 8, 8]}
 
@@ -230,7 +230,7 @@ def test_cityscapes_datamodule(data_root: Path) -> None:
 
 
 def test_augmentation_keeps_shapes_and_scales_depth(data_root: Path) -> None:
-    from benchmarks.paper_data import random_scale_crop_flip
+    from benchmarks.paper.data import random_scale_crop_flip
 
     torch.manual_seed(3)
     dm = NYUv2DataModule(root=data_root / "nyuv2", augment=True)
@@ -395,11 +395,12 @@ def test_runner_with_cost(data_root: Path, tmp_path: Path, dataset: str) -> None
     }
     data_kw, model_kw, method, extra = cases[dataset]
     out = tmp_path / dataset
-    summary = _run(out, dataset, data_kw, model_kw, "--methods", method, "--cost", "on", "--baselines", "false",
-                   "--cost-kw", '{"inner_steps": 1, "num_perturbations": 1, "trigger": "any"}', *extra)
+    summary = _run(out, dataset, data_kw, model_kw, "--methods", method, "--cost", "paper", "--baselines", "false",
+                   "--cost-kw", '{"trigger": "any", "teleporter": {"inner_steps": 1, "num_perturbations": 1}}',
+                   *extra)
     (row,) = summary["rows"]
     assert _finite(row[k] for k in summary["metrics"])
-    res = _run_json(out, f"{method}__cost-on__seed0")
+    res = _run_json(out, f"{method}__cost-paper__seed0")
     assert res["best_epoch"] == 0 and math.isfinite(res["val"]["score"])
     if dataset != "celeba":  # the teleport ran through LoRA on the SegNet-MTAN / the MPNN
         assert res["teleports"] + res["rejected_teleports"] >= 1
@@ -407,7 +408,7 @@ def test_runner_with_cost(data_root: Path, tmp_path: Path, dataset: str) -> None
 
 
 def test_module_classes() -> None:
-    from benchmarks.lit import MTLBenchModule, SingleTaskModule
+    from benchmarks.models.modules import MTLBenchModule, SingleTaskModule
 
     assert module_classes(NYUv2DataModule(root="x")) == (PaperMTLModule, PaperSingleTaskModule)
     assert module_classes(object()) == (MTLBenchModule, SingleTaskModule)

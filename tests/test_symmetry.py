@@ -18,8 +18,8 @@ from torch import Tensor, nn
 from torchvision.models import resnet18
 
 from benchmarks.models import MultiTaskNet, fingerprint_mlp, lenet_multimnist, make_heads, mlp, mlp_multilabel
-from benchmarks.paper_models import segnet_mtan
-from benchmarks.paper_tasks import depth_task, segmentation_task
+from benchmarks.paper.models import segnet_mtan
+from benchmarks.paper.tasks import depth_task, segmentation_task
 from benchmarks.tasks import TaskSpec
 from lightning_cost.teleport.symmetry import NoSymmetryError, RescaleSymmetry, ScaleGroup
 

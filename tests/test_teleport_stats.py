@@ -21,7 +21,7 @@ def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
     argv = ["--datasets", "multimnist", "yeast", "--epochs", "2", "--force-every", "6", "--min-steps-between", "1",
             "--data-kw", json.dumps({"multimnist": {"num_train": 640, "num_val": 100, "num_test": 100},
                                      "yeast": {"batch_size": 256}}),
-            "--cost-kw", json.dumps({"inner_steps": 2, "num_perturbations": 2}), "--out", str(tmp_path)]
+            "--cost-kw", json.dumps({"teleporter": {"inner_steps": 2}}), "--out", str(tmp_path)]
     results = teleport_stats.main(argv)
     assert [(r["dataset"], r["rule"]) for r in results] == [
         ("multimnist", "majority"), ("multimnist", "any"), ("yeast", "majority"), ("yeast", "any")]
@@ -46,15 +46,38 @@ def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
         assert (tmp_path / name).stat().st_size > 5000, name
 
 
-def test_conflict_counter_counts_tasks_opposing_the_mean_from_j_or_its_gramian() -> None:
-    """Hand-worked case: g0 = (1, 1); rows 1 and 2 point against the mean, row 0 with it."""
+def test_conflict_counter_counts_both_rules_from_j_or_its_gramian() -> None:
+    """Hand-worked cases. Step 0 (K = 3): g0 = (1, 1); row 0 points with the mean, rows 1 and 2 against it,
+    so 2 >= ceil(3/2) tasks conflict under both rules. Step 1 (K = 3): g0 = (0, 1/3); rows 0 and 2 are
+    orthogonal to it (cos = 0): not a conflict for eq. 4 (cos < 0), a conflict for the any-task rule
+    (cos <= 0)."""
     from types import SimpleNamespace
 
     import torch
 
-    j = torch.tensor([[4.0, 4.0], [-1.0, 0.0], [0.0, -1.0]])  # g0 = (1, 1): cos > 0, < 0, < 0
-    counter = teleport_stats.ConflictCounter()
-    for gramian in (None, j @ j.T):
-        rec = SimpleNamespace(jacobian=j, gramian=gramian, skipped=False, finite=True)
-        counter.on_before_optimizer_step(None, SimpleNamespace(mtl_step=rec), None)
-    assert counter.per_step == [2, 2]
+    from benchmarks.conflicts import ConflictCounter
+
+    counter = ConflictCounter()
+    cases = [torch.tensor([[4.0, 4.0], [-1.0, 0.0], [0.0, -1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])]
+    for step, j in enumerate(cases):
+        for gramian in (None, j @ j.T):
+            rec = SimpleNamespace(jacobian=j, gramian=gramian, skipped=False, finite=True,
+                                  representation_jacobian=None)
+            trainer = SimpleNamespace(global_step=step, current_epoch=step)
+            counter.on_before_optimizer_step(trainer, SimpleNamespace(mtl_step=rec), None)
+    assert [s.conflicting for s in counter.steps] == [{"majority": 2, "any": 2}] * 2 + [{"majority": 0, "any": 2}] * 2
+    assert [s.fired for s in counter.steps] == [{"majority": True, "any": True}] * 2 + [
+        {"majority": False, "any": True}] * 2
+    assert counter.ratio("majority") == 0.5 and counter.ratio("any") == 1.0
+    assert counter.per_epoch() == [
+        {"epoch": 0, "checked": 2, "fired_majority": 2, "trigger_ratio_majority": 1.0, "fired_any": 2,
+         "trigger_ratio_any": 1.0},
+        {"epoch": 1, "checked": 2, "fired_majority": 0, "trigger_ratio_majority": 0.0, "fired_any": 2,
+         "trigger_ratio_any": 1.0}]
+    assert counter.histogram("majority") == {0: 2, 2: 2}
+    # a step without a Jacobian (a loss weighting not asked for one) or a skipped step is not counted
+    for rec in (SimpleNamespace(jacobian=None, gramian=None, skipped=False, finite=True),
+                SimpleNamespace(jacobian=cases[0], gramian=None, skipped=True, finite=True)):
+        counter.on_before_optimizer_step(SimpleNamespace(global_step=9, current_epoch=2), SimpleNamespace(mtl_step=rec),
+                                         None)
+    assert counter.checked == 4

@@ -181,7 +181,8 @@ def test_runner_writes_summary_and_plot(tmp_path, capsys):
     assert cfg["pareto"]["tol"] == PARETO_TOL and cfg["pareto"]["x2"] == PARETO_X2
     assert cfg["l1_scale"] == {"ls": 1.0, "mgda": 1.0} and cfg["gradient_clip"] == {"ls": None, "mgda": None}
     assert cfg["inits"] == [list(init)]
-    assert cfg["cost"]["radius"] == TOY_COST["radius"] and cfg["cost"]["warmup_steps"] == 20
+    assert cfg["cost"]["teleporter"]["radius"] == TOY_COST["teleporter"]["radius"] == 0.1
+    assert cfg["cost"]["schedule"]["warmup_steps"] == 20
     assert set(summary["results"]) == {"ls", "mgda"}
     for method, by_flag in summary["results"].items():
         assert set(by_flag) == {"baseline", "cost"}
@@ -235,12 +236,12 @@ class _ForceAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.at:
             tele = next(c for c in trainer.callbacks if isinstance(c, SymmetryTeleportCallback))
-            tele.force_next = True
+            tele.request_teleport()
 
 
 def test_forced_teleport_keeps_both_losses_and_moves_x():
     # (0, -5) with LS: both gradients push x2 down, no dominated conflict, so only the forced teleport fires.
-    r = run_one("ls", (0.0, -5.0), cost=True, steps=12, cost_overrides={"warmup_steps": 0},
+    r = run_one("ls", (0.0, -5.0), cost=True, steps=12, cost_overrides={"schedule": {"warmup_steps": 0}},
                 callbacks=[_ForceAt(5)])
     assert r["teleports"] + r["teleports_rejected"] == 1
     (event,) = r["teleport_events"]
@@ -249,7 +250,8 @@ def test_forced_teleport_keeps_both_losses_and_moves_x():
     assert float((after - before).norm()) > 1e-4  # x moved
     # Both losses, recomputed independently at the two points, stay within the callback's tolerance.
     l_before, l_after = toy_losses(before.double()), toy_losses(after.double())
-    bound = TOY_COST["loss_tolerance"] * l_before.abs() + TOY_COST["abs_tolerance"]
+    tolerance = TOY_COST["teleporter"]
+    bound = tolerance["loss_tolerance"] * l_before.abs() + tolerance["abs_tolerance"]
     assert ((l_after - l_before).abs() <= bound).all(), (l_before, l_after)
     assert event["losses_before"] == pytest.approx(l_before.tolist(), abs=1e-4)
     assert event["losses_after"] == pytest.approx(l_after.tolist(), abs=1e-4)

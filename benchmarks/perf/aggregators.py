@@ -41,15 +41,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import importlib
-import importlib.util
 import json
-import math
 import platform
 import statistics
 import sys
 import time
-import types
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,6 +56,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from benchmarks.common import fmt, text_table
+from benchmarks.perf.peers import (
+    LIBMTL,
+    cosine,
+    libmtl_module,
+    libmtl_on_jacobian,
+    synthetic_jacobian,
+    torchjd_factories,
+)
 from lightning_cost.aggregators import AVAILABLE, Aggregator, LossWeighting, build_aggregator
 
 KS = (2, 3, 10, 40)
@@ -87,14 +92,6 @@ NOTES = {
     ("rlw", "libmtl"): "RLW(dist='Normal'): weighted loss backward",
     ("uw", "libmtl"): "UW: weighted loss backward (1/2 factors differ)",
 }
-
-
-def synthetic_jacobian(k: int, p: int, seed: int = 0) -> Tensor:
-    """K rows sharing a common direction plus independent noise (some pairs conflict), float32."""
-    g = torch.Generator().manual_seed(seed)
-    common = torch.randn(p, generator=g)
-    scales = torch.rand(k, 1, generator=g) * 2 + 0.1
-    return scales * (0.3 * common + torch.randn(k, p, generator=g))
 
 
 def task_losses(k: int, seed: int = 0) -> Tensor:
@@ -138,21 +135,20 @@ def ours(name: str, jac: Tensor, losses: Tensor) -> Contestant:
     if name in ("pcgrad", "graddrop", "rlw"):
         kw["seed"] = 0
     m = build_aggregator(name, **kw)
-    if name == "dwa":  # past the two warm-up epochs, so that the softmax weights are computed
-        m._ensure(k)
-        m.history.copy_(torch.stack([losses * 1.1, losses]))
-        m.num_epochs.fill_(2)
+    if name == "dwa":  # two epochs observed (L(t-2) = 1.1 L, L(t-1) = L): the softmax weights are computed
+        for epoch_losses in (losses * 1.1, losses):
+            m.observe(epoch_losses)
+            m.on_epoch_end()
     if isinstance(m, Aggregator):
         return Contestant("ours", lambda: m.aggregate(jac))
 
     assert isinstance(m, LossWeighting)
     trainable = any(p.requires_grad for p in m.parameters())
 
-    def weighting() -> Tensor:  # MultiTaskMixin._mtl_jacobian_step, loss-weighting branch
-        coeffs = m.loss_weights(losses).to(jac.dtype)
-        d = coeffs @ jac
+    def weighting() -> Tensor:  # the LossWeighting API on a given J: weights, their combination, the step's state
+        d = m.loss_weights(losses).to(jac.dtype) @ jac
         m.observe(losses)
-        if trainable:  # UW: the gradient of its log-variances (the mixin's ``aux`` term)
+        if trainable:  # UW: the gradient of its own parameters (the log-variances) through its objective
             m(losses).backward()
         return d
 
@@ -174,22 +170,7 @@ def floor(jac: Tensor) -> Contestant:
 
 
 def torchjd(name: str, jac: Tensor) -> Contestant | None:
-    try:
-        import torchjd.aggregation as A
-    except Exception:  # noqa: BLE001 - peer not installed
-        return None
-    k = jac.shape[0]
-    factories: dict[str, Callable[[], Any]] = {
-        "mgda": lambda: A.MGDA(),
-        "pcgrad": lambda: A.PCGrad(),
-        "imtl": lambda: A.IMTLG(),
-        "cagrad": lambda: A.CAGrad(c=0.4),
-        "graddrop": lambda: A.GradDrop(),
-        "nashmtl": lambda: A.NashMTL(n_tasks=k, max_norm=0.0),
-        "fairgrad": lambda: A.FairGrad(alpha=2.0),
-        "ls": lambda: A.Sum(),
-        "rlw": lambda: A.Random(),
-    }
+    factories = torchjd_factories(jac.shape[0])
     if name not in factories:
         return None
     try:
@@ -201,63 +182,22 @@ def torchjd(name: str, jac: Tensor) -> Contestant | None:
     return Contestant("torchjd", lambda: agg(jac))
 
 
-def _libmtl_module(mod: str) -> Any:
-    """``LibMTL.weighting.<mod>`` imported without ``LibMTL/__init__`` (which fails: it imports
-    ``torchvision.models.utils``, removed from torchvision)."""
-    if "LibMTL" not in sys.modules:
-        spec = importlib.util.find_spec("LibMTL")
-        if spec is None or spec.submodule_search_locations is None:
-            raise ImportError("LibMTL is not installed")
-        stub = types.ModuleType("LibMTL")
-        stub.__path__ = list(spec.submodule_search_locations)
-        sys.modules["LibMTL"] = stub
-    return importlib.import_module(f"LibMTL.weighting.{mod}")
-
-
-_LIBMTL = {  # ours -> (module, class, kwargs of backward, needs J as the backward's gradient)
-    "mgda": ("MGDA", "MGDA", {"mgda_gn": "none"}, True),
-    "pcgrad": ("PCGrad", "PCGrad", {}, True),
-    "cagrad": ("CAGrad", "CAGrad", {"calpha": 0.4, "rescale": 1}, True),
-    "imtl": ("IMTL", "IMTL", {}, True),
-    "ls": ("EW", "EW", {}, False),
-    "dwa": ("DWA", "DWA", {"T": 2.0}, False),
-    "rlw": ("RLW", "RLW", {"dist": "Normal"}, False),
-    "uw": ("UW", "UW", {}, False),
-}
-
-
 def libmtl(name: str, jac: Tensor, losses: Tensor) -> Contestant | None:
-    if name not in _LIBMTL:
+    if name not in LIBMTL:
         return None
-    mod, cls, kw, jacobian_based = _LIBMTL[name]
+    mod, cls, kw, jacobian_based = LIBMTL[name]
     try:
-        w = getattr(_libmtl_module(mod), cls)()
+        if jacobian_based:
+            run, prepare = libmtl_on_jacobian(name, jac, losses)
+            return Contestant("libmtl", run, prepare)
+        w = getattr(libmtl_module(mod), cls)()
     except Exception as err:  # noqa: BLE001 - not installed / import error
         c = Contestant("libmtl", lambda: None)
         c.error = repr(err)[:120]
         return c
-    k, p = jac.shape
-    w.task_num, w.device, w.rep_grad = k, torch.device("cpu"), False
+    p = jac.shape[1]
+    w.task_num, w.device, w.rep_grad = jac.shape[0], torch.device("cpu"), False
     w.init_param()
-    captured: list[Tensor] = []
-    if jacobian_based:
-        w._compute_grad_dim = lambda: None
-        w._get_grads = lambda losses, mode="backward": jac
-        w._compute_grad = lambda losses, mode, rep_grad=False: jac
-        w._reset_grad = lambda new_grads: captured.append(new_grads)
-        lw = losses.detach().clone()
-
-        def run() -> Tensor:
-            captured.clear()
-            w.backward(lw, **kw)
-            return captured[-1]
-
-        def zero() -> None:
-            for q in w.parameters():
-                q.grad = None
-
-        return Contestant("libmtl", run, zero)
-
     if name == "dwa":
         w.epoch = 2
         w.train_loss_buffer = np.stack([losses.numpy() * 1.2, losses.numpy() * 1.1, losses.numpy()], axis=1)
@@ -278,14 +218,6 @@ def libmtl(name: str, jac: Tensor, losses: Tensor) -> Contestant | None:
 
 
 # --------------------------------------------------------------------------- timing
-
-
-def _cos(a: Tensor | None, b: Tensor | None) -> float | None:
-    if a is None or b is None:
-        return None
-    a, b = a.double().flatten(), b.double().flatten()
-    n = float(a.norm() * b.norm())
-    return float(a @ b) / n if n > 0 else None
 
 
 def time_cell(contestants: list[Contestant], budget_s: float, min_reps: int, max_reps: int) -> int:
@@ -356,7 +288,7 @@ def bench_cell(
         if mine.times and c.times:
             row[f"ratio_{peer}"] = statistics.median(mine.times) / statistics.median(c.times)
             row[f"paired_ratio_{peer}"] = statistics.median(a / b for a, b in zip(mine.times, c.times, strict=True))
-            row[f"cos_{peer}"] = _cos(mine.out, c.out)
+            row[f"cos_{peer}"] = cosine(mine.out, c.out)
     if mine.times:
         row["ratio_floor"] = statistics.median(mine.times) / statistics.median(by["floor"].times)
     del jac
@@ -364,16 +296,6 @@ def bench_cell(
 
 
 # --------------------------------------------------------------------------- output
-
-
-def _f(v: Any, nd: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return str(v)
-        return f"{v:.{nd}f}" if abs(v) < 1e4 else f"{v:.3g}"
-    return str(v)
 
 
 def _ms(row: dict[str, Any], who: str) -> str:
@@ -390,13 +312,10 @@ def render(rows: list[dict[str, Any]]) -> str:
     header = ["method", "K", "P", "reps", "ours ms", "torchjd", "ours/tjd", "cos", "libmtl", "ours/lib", "cos",
               "floor", "ours/floor", "mixin chk"]
     cells = [[r["method"], str(r["K"]), f"{r['P']:.0e}", str(r["reps"]), _ms(r, "ours"), _ms(r, "torchjd"),
-              _f(r.get("ratio_torchjd")), _f(r.get("cos_torchjd"), 3), _ms(r, "libmtl"), _f(r.get("ratio_libmtl")),
-              _f(r.get("cos_libmtl"), 3), _ms(r, "floor"), _f(r.get("ratio_floor"), 1), _ms(r, "mixin_check")]
+              fmt(r.get("ratio_torchjd")), fmt(r.get("cos_torchjd"), 3), _ms(r, "libmtl"), fmt(r.get("ratio_libmtl")),
+              fmt(r.get("cos_libmtl"), 3), _ms(r, "floor"), fmt(r.get("ratio_floor"), 1), _ms(r, "mixin_check")]
              for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
-    out = [line, "-" * len(line)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(cs, widths, strict=True)) for cs in cells]
+    out = text_table("", header, cells).splitlines()
     errors = [f"  {r['method']} K={r['K']} P={r['P']:.0e} {who}: {r[who]['error']}"
               for r in rows for who in ("ours", "torchjd", "libmtl") if isinstance(r.get(who), dict) and "error" in r[who]]
     if errors:
@@ -423,10 +342,7 @@ def render_compare(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
         b = before.get(key(r), {})
         cells.append([r["method"], str(r["K"]), f"{r['P']:.0e}", _pair(b, "torchjd"), _pair(r, "torchjd"),
                       _pair(b, "libmtl"), _pair(r, "libmtl"), _ms(b, "ours") if b else "-", _ms(r, "ours")])
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
-    return "\n".join([line, "-" * len(line), *("  ".join(c.rjust(w) for c, w in zip(cs, widths, strict=True))
-                                                for cs in cells)])
+    return text_table("", header, cells)
 
 
 def _versions() -> dict[str, str]:

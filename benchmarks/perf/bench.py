@@ -21,16 +21,13 @@ import contextlib
 import ctypes
 import gc
 import json
-import logging
-import math
 import os
 import platform
 import statistics
 import sys
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from benchmarks.common import BatchTimer, quiet, quiet_trainer, text_table
+from benchmarks.perf.peers import LIBMTL, cosine, libmtl_on_jacobian, synthetic_jacobian, torchjd_factories
 from lightning_cost import MultiTaskMixin
 from lightning_cost.aggregators import AVAILABLE, Aggregator, LossWeighting, build_aggregator
 
@@ -112,21 +111,6 @@ def timeit(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
 
 def _ratio(a: float, b: float) -> float:
     return float(a) / float(b) if b > 0 else float("nan")
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning_cost", "lightning.fabric")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, lv in zip(loggers, levels, strict=True):
-                lg.setLevel(lv)
 
 
 # --------------------------------------------------------------------------- models
@@ -219,34 +203,16 @@ def build(kind: str, k: int, method: str = "ls") -> BenchMTL:
     return BenchMTL(trunk, heads, method)
 
 
-def _trainer(max_steps: int, callbacks: list[L.Callback], max_epochs: int = -1) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=max_epochs, logger=False,
-                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-
-
-class StepTimer(L.Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._t = 0.0
-
-    def on_train_batch_start(self, *args: Any) -> None:
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append((time.perf_counter() - self._t) * 1e3)
-
-
 # --------------------------------------------------------------------------- 1. step time / memory
 
 
 def run_method(kind: str, k: int, method: str, steps: int, warmup: int) -> dict[str, float]:
     ds, bs = dataset(kind, k, steps + warmup)
     model = build(kind, k, method)
-    timer = StepTimer()
-    with _quiet(), RssPeak() as mem:
-        _trainer(steps + warmup, [timer]).fit(model, DataLoader(ds, batch_size=bs, shuffle=False))
-    measured = timer.times[warmup:] or timer.times
+    timer = BatchTimer()
+    with quiet(everything=True), RssPeak() as mem:
+        quiet_trainer([timer], max_steps=steps + warmup).fit(model, DataLoader(ds, batch_size=bs, shuffle=False))
+    measured = timer.ms[warmup:] or timer.ms
     return {"step_ms": statistics.median(measured), "peak_rss_delta_mb": mem.peak_delta / 2**20,
             "skipped_steps": int(model.mtl_skipped_steps)}
 
@@ -341,7 +307,7 @@ def bench_pertask(kind: str, k: int, reps: int) -> tuple[dict[str, float], Tenso
         with torch.no_grad():
             model.task_losses(batch)
 
-    with _quiet():
+    with quiet(everything=True):
         r = {name: timeit(fn, reps) for name, fn in
              [("mixin_ms", mixin), ("k_plain_ms", k_plain), ("k_retain_ms", k_retain), ("sum_backward_ms", summed),
               ("forward_ms", forward), ("mixin_loop_ms", in_mode("loop")), ("mixin_batched_ms", in_mode("batched"))]}
@@ -373,14 +339,6 @@ def bench_pertask(kind: str, k: int, reps: int) -> tuple[dict[str, float], Tenso
     return r, jac, losses
 
 
-def synthetic_jacobian(k: int, p: int, seed: int = 0) -> Tensor:
-    """K rows sharing a common direction plus independent noise (some pairs conflict)."""
-    g = torch.Generator().manual_seed(seed)
-    common = torch.randn(p, generator=g)
-    scales = torch.rand(k, 1, generator=g) * 2 + 0.1
-    return scales * (0.3 * common + torch.randn(k, p, generator=g))
-
-
 # --------------------------------------------------------------------------- 3. solve / 6. peers
 # Section 6 is a quick look on the models' J; benchmarks/perf/aggregators.py is the careful per-method
 # comparison (every method, K in 2..40, P up to 1e6, interleaved repetitions, wall or CPU clock).
@@ -400,72 +358,18 @@ def time_ours(name: str, jac: Tensor, losses: Tensor, reps: int) -> tuple[float,
     return timeit(lambda: m.loss_weights(losses), reps), None  # a loss weighting: K weights, no solve on J
 
 
-def _torchjd_factories(k: int) -> dict[str, Callable[[], Any]]:
-    try:
-        import torchjd.aggregation as A
-    except Exception:  # noqa: BLE001 - peer not installed
-        return {}
-    f: dict[str, Callable[[], Any]] = {
-        "mgda": lambda: A.MGDA(), "pcgrad": lambda: A.PCGrad(), "imtl": lambda: A.IMTLG(),
-        "cagrad": lambda: A.CAGrad(c=0.4), "graddrop": lambda: A.GradDrop(),
-    }  # UPGrad (not in our registry) needs the quadprog extra, not installed
-    if hasattr(A, "NashMTL"):
-        f["nashmtl"] = lambda: A.NashMTL(n_tasks=k)
-    if hasattr(A, "FairGrad"):
-        f["fairgrad"] = lambda: A.FairGrad(alpha=2.0)
-    return f
-
-
-def _libmtl_weighting(name: str) -> tuple[type, dict[str, Any]] | None:
-    """LibMTL's weighting class, imported without ``LibMTL/__init__`` (which fails: it imports
-    ``torchvision.models.utils``, removed from torchvision)."""
-    import importlib
-    import importlib.util
-    import types
-
-    spec = importlib.util.find_spec("LibMTL") if "LibMTL" not in sys.modules else None
-    if "LibMTL" not in sys.modules:
-        if spec is None or spec.submodule_search_locations is None:
-            return None
-        stub = types.ModuleType("LibMTL")
-        stub.__path__ = list(spec.submodule_search_locations)
-        sys.modules["LibMTL"] = stub
-    table = {"mgda": ("MGDA", "MGDA", {"mgda_gn": "none"}), "pcgrad": ("PCGrad", "PCGrad", {}),
-             "cagrad": ("CAGrad", "CAGrad", {"calpha": 0.4, "rescale": 1}), "imtl": ("IMTL", "IMTL", {})}
-    if name not in table:
-        return None
-    mod, cls, kw = table[name]
-    return getattr(importlib.import_module(f"LibMTL.weighting.{mod}"), cls), kw
+#: the methods section 6 compares with peers (gradient aggregators: the same J in, an update out)
+_PEER_METHODS = ("mgda", "pcgrad", "imtl", "cagrad", "graddrop", "nashmtl", "fairgrad")
 
 
 def time_libmtl(name: str, jac: Tensor, losses: Tensor, reps: int) -> tuple[float, Tensor]:
-    """LibMTL's weighting on a given J: its gradient computation and .grad write-back are stubbed."""
-    found = _libmtl_weighting(name)
-    if found is None:
+    """LibMTL's weighting on a given J (:func:`~benchmarks.perf.peers.libmtl_on_jacobian`)."""
+    if name not in LIBMTL or not LIBMTL[name][3]:
         raise NotImplementedError
-    cls, kw = found
-    w = cls()
-    k = jac.shape[0]
-    w.task_num, w.device, w.rep_grad = k, torch.device("cpu"), False
-    w.init_param()
-    captured: list[Tensor] = []
-    w._compute_grad_dim = lambda: None
-    # J itself, not a copy (a K x P copy per call was charged to LibMTL): none of these weightings
-    # writes into it (PCGrad clones it itself)
-    w._get_grads = lambda losses, mode="backward": jac
-    w._compute_grad = lambda losses, mode, rep_grad=False: jac
-    w._reset_grad = lambda new_grads: captured.append(new_grads)
-    lw = losses.detach().clone()
-    ms = timeit(lambda: w.backward(lw, **kw), reps)
-    return ms, captured[-1]
-
-
-def _cos(a: Tensor | None, b: Tensor | None) -> float | None:
-    if a is None or b is None:
-        return None
-    a, b = a.double().flatten(), b.double().flatten()
-    n = a.norm() * b.norm()
-    return float(a @ b / n) if n > 0 else None
+    run, prepare = libmtl_on_jacobian(name, jac, losses)
+    out: list[Tensor] = []
+    ms = timeit(lambda: (prepare(), out.append(run())), reps)
+    return ms, out[-1]
 
 
 def bench_solve_and_peers(jacs: dict[str, tuple[Tensor, Tensor, float, bool]], reps: int,
@@ -487,7 +391,7 @@ def bench_solve_and_peers(jacs: dict[str, tuple[Tensor, Tensor, float, bool]], r
                                "step_ms": step_ms, "step_extrapolated": extrapolated, "pct_of_step": pct,
                                "target_applies": k <= 10, "pass": (pct <= TARGET_SOLVE_PCT) if k <= 10 else None})
         log(f"  solve {key} done")
-        tjd = _torchjd_factories(k)
+        tjd = {m: f for m, f in torchjd_factories(k).items() if m in _PEER_METHODS}
         for name in sorted(set(tjd) | {"mgda", "pcgrad", "cagrad", "imtl"}):
             row: dict[str, Any] = {"setup": key, "K": k, "method": name}
             ours = next((r for r in solve_rows if r["setup"] == key and r["method"] == name and "solve_ms" in r), None)
@@ -498,7 +402,7 @@ def bench_solve_and_peers(jacs: dict[str, tuple[Tensor, Tensor, float, bool]], r
                     out: list[Tensor] = []
                     row["torchjd_ms"] = timeit(lambda a=agg, o=out, j=jac: o.append(a(j)), reps_here)
                     row["ratio_ours_vs_torchjd"] = _ratio(row["ours_ms"], row["torchjd_ms"]) if ours else None
-                    row["cos_ours_torchjd"] = _cos(ours_out.get(name), out[-1])
+                    row["cos_ours_torchjd"] = cosine(ours_out.get(name), out[-1])
                 except Exception as err:  # noqa: BLE001
                     row["torchjd_error"] = repr(err)[:200]
             try:
@@ -507,7 +411,7 @@ def bench_solve_and_peers(jacs: dict[str, tuple[Tensor, Tensor, float, bool]], r
                 ms, d = time_libmtl(name, jac, losses, reps_here)
                 row["libmtl_ms"] = ms
                 row["ratio_ours_vs_libmtl"] = _ratio(row["ours_ms"], ms) if ours else None
-                row["cos_ours_libmtl"] = _cos(ours_out.get(name), d)
+                row["cos_ours_libmtl"] = cosine(ours_out.get(name), d)
             except NotImplementedError:
                 row["libmtl_error"] = "not available"
             except Exception as err:  # noqa: BLE001
@@ -520,55 +424,43 @@ def bench_solve_and_peers(jacs: dict[str, tuple[Tensor, Tensor, float, bool]], r
 # --------------------------------------------------------------------------- 4. teleport
 
 
-class ForceTeleport(L.Callback):
-    """Forces one teleport per epoch (the callback's default limit) on the epoch's 2nd batch."""
-
-    def __init__(self, teleport_cb: Any, from_epoch: int = 1) -> None:
-        self.cb, self.from_epoch = teleport_cb, from_epoch
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.current_epoch >= self.from_epoch and batch_idx == 1:
-            self.cb.force_next = True
-
-
 def bench_teleport(cfg: dict[str, Any], ls_step_ms: float | None) -> dict[str, Any]:
-    from lightning_cost.teleport.callback import SymmetryTeleportCallback
+    """One forced teleport per epoch (the callback's defaults otherwise) on each epoch's 2nd batch, after a
+    warm-up epoch: its time against a training step."""
+    from benchmarks.runner.variants import build_teleport, teleport_records
 
     per_epoch = 3
     ds, bs = dataset("lenet", 2, per_epoch)
     model = build("lenet", 2, "ls")
-    tele = SymmetryTeleportCallback()  # default settings
-    timer = StepTimer()
+    tele = build_teleport({"schedule": {"every": per_epoch, "warmup_epochs": 1}}, 0)  # forced at step % 3 == 1
+    timer = BatchTimer()
     epochs = cfg["teleports"] + 1  # epoch 0 is warm-up
-    with _quiet():
-        _trainer(-1, [tele, ForceTeleport(tele), timer], max_epochs=epochs).fit(
-            model, DataLoader(ds, batch_size=bs, shuffle=False))
-    secs = [h["seconds"] * 1e3 for h in tele.history]
+    with quiet(everything=True):
+        quiet_trainer([tele, timer], max_epochs=epochs).fit(model, DataLoader(ds, batch_size=bs, shuffle=False))
+    history = teleport_records(tele)
+    secs = [h["seconds"] * 1e3 for h in history]
     # steps without a teleport, after the first epoch (the teleport batch itself is excluded)
-    step_times = [t for i, t in enumerate(timer.times) if i >= per_epoch and i % per_epoch != 1]
+    step_times = [t for i, t in enumerate(timer.ms) if i >= per_epoch and i % per_epoch != 1]
     step_ms = statistics.median(step_times)
     mean_tp = statistics.mean(secs) if secs else float("nan")
-    return {"teleports": len(secs), "accepted": sum(bool(h["accepted"]) for h in tele.history),
+    return {"teleports": len(secs), "accepted": sum(bool(h["accepted"]) for h in history),
             "teleport_ms_mean": mean_tp, "teleport_ms_all": secs, "step_ms_with_jacobian": step_ms,
             "ratio_teleport_vs_step": _ratio(mean_tp, step_ms),
             "ratio_teleport_vs_ls_step": _ratio(mean_tp, ls_step_ms) if ls_step_ms else None,
-            "settings": "SymmetryTeleportCallback() defaults: inner_steps=10, num_perturbations=5, rank=5"}
+            "settings": "SymmetryTeleportCallback defaults (the LoRA teleporter, LoRAConfig())"}
 
 
 # --------------------------------------------------------------------------- 5. trigger
 
 
 def _f64_reference(jac: Tensor, block: int = 65536) -> tuple[Tensor, Tensor]:
-    """``J J^T`` and ``cos(g_i, g_0)`` in float64, one block of columns at a time (no float64 copy of J)."""
+    """``J J^T`` and ``cos(g_i, g_0)`` in float64: the library's Gramian of one float64 block of columns
+    at a time (no float64 copy of J), the cosines from it (``J g_0 = G 1 / K``, ``|g_0|^2 = 1^T G 1 / K^2``)."""
+    from lightning_cost.aggregators import gramian
+
     k = jac.shape[0]
-    g0 = jac.mean(0)
-    gram = torch.zeros(k, k, dtype=torch.float64)
-    dots, g0_sq = torch.zeros(k, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for s in range(0, jac.shape[1], block):
-        x, v = jac[:, s:s + block].double(), g0[s:s + block].double()
-        gram += x @ x.T
-        dots += x @ v
-        g0_sq += v @ v
+    gram = sum(gramian(jac[:, s:s + block].double()) for s in range(0, jac.shape[1], block))
+    dots, g0_sq = gram.sum(dim=1) / k, gram.sum() / k**2
     return gram, dots / (gram.diagonal().sqrt() * g0_sq.sqrt())
 
 
@@ -610,23 +502,12 @@ def bench_trigger(cfg: dict[str, Any], p: int, steps: dict[int, float]) -> list[
 # --------------------------------------------------------------------------- tables
 
 
-def _fmt(v: Any, nd: int = 2) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "PASS" if v else "MISS"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}" if math.isfinite(v) else str(v)
-    return str(v)
+def _passed(v: Any) -> Any:
+    return ("PASS" if v else "MISS") if isinstance(v, bool) else v
 
 
 def table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    line = "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))
-    out = [f"\n== {title}", line, "-" * len(line)]
-    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(out)
+    return "\n" + text_table(f"== {title}", header, [[_passed(c) for c in r] for r in rows])
 
 
 def render(res: dict[str, Any]) -> str:

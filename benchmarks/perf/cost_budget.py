@@ -11,17 +11,17 @@ Sections (``--sections``, default ``budget``):
   8000 training composites, 2 epochs, batch 256, Adam lr 1e-3, FairGrad alpha 2), with Delta-m%
   (eq. 14, against single-task baselines trained the same way) beside it. The ceil(K/2) trigger never
   fires on MultiMNIST (K = 2) at these settings, so the budget axis *forces* teleports:
-  ``max_teleports_per_epoch = b`` and ``teleport_every = steps_per_epoch // b`` (evenly spaced, the
+  schedule ``max_per_epoch = b`` and ``every = steps_per_epoch // b`` (evenly spaced, the
   callback's own option), for ``b`` in ``--budgets`` teleports per epoch, and one curve per
   ``--inner-steps`` value (``T[@LR][:nohtr]``: T inner steps at inner lr LR, optionally without
   HTR). ``cost-default`` is COST exactly as main.yaml configures it (trigger-driven); ``cost-b0``
-  checks the trigger and never teleports. Runs reuse :func:`benchmarks.run.train_one` (the runner's
+  checks the trigger and never teleports. Runs reuse :func:`benchmarks.runner.train.train_one` (the runner's
   module, callbacks, epoch selection and test). Each repeat runs every point once, in a shuffled
   order, and every time ratio divides by the FairGrad run *of the same repeat*; the table gives the
   median over repeats and seeds, and, less noisy, FairGrad's median time plus the run's own
   measured teleport seconds over FairGrad's. Delta-m% comes from the first repeat (training is
   deterministic per seed).
-* ``levers``: the speed levers of issue 5, each measured in this process with interleaved
+* ``levers``: COST's speed levers, each measured in this process with interleaved
   repetitions: (a) the n~ perturbed forwards of eq. 9 as a loop vs one ``vmap`` pass (and the largest
   difference in ``L_g``), plus the adapter's merged-weight evaluation vs PEFT's LoRA branch;
   (b) inner steps x inner learning rate: seconds per teleport, loss drift, displacement, gradient-norm
@@ -41,27 +41,34 @@ baselines are trained once and cached in ``DIR/baselines`` (``--baselines-from``
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import math
 import platform
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from torch import Tensor
 
-from benchmarks.perf.bench import _quiet
-from benchmarks.run import _load_json, _write_json
+from benchmarks.common import (
+    finite_mean,
+    finite_median,
+    load_json,
+    quiet,
+    quiet_trainer,
+    text_table,
+    write_json,
+)
+from benchmarks.perf.levers import PRESET, summarize_history
+from benchmarks.runner.config import RunnerConfig, config_from_argv
+from benchmarks.runner.variants import build_teleport, deep_merge
 
 MAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "main.yaml"
-TARGET_RATIO = 1.25  # issue 5: COST <= 1.25x its base method's training time on MultiMNIST
+TARGET_RATIO = 1.25  # the aim: COST <= 1.25x its base method's training time on MultiMNIST
+
+_mean, _median = finite_mean, finite_median
 
 # --------------------------------------------------------------------------- configuration
 
@@ -79,40 +86,16 @@ def make_config(quick: bool) -> dict[str, Any]:
                 agree_synth_steps=150)
 
 
-def runner_config(quick: bool, threads: int = 1) -> dict[str, Any]:
+def runner_config(quick: bool, threads: int = 1) -> RunnerConfig:
     """The runner's configuration of the main job (main.yaml through the runner's own parser)."""
-    from benchmarks.run import build_parser
-
-    ns = build_parser().parse_args(["--config", str(MAIN_CONFIG), "--progress", "false",
-                                    "--threads", str(threads)])
-    cfg = {k.replace("-", "_"): v for k, v in vars(ns).items() if k != "config"}
-    cfg = json.loads(json.dumps(cfg, default=str))  # plain dicts (jsonargparse Namespaces inside)
+    settings, _ = config_from_argv(["--config", str(MAIN_CONFIG), "--progress", "false", "--threads", str(threads),
+                                    "--out", "unused"])
     sizes = make_config(quick)
     if sizes["data_kw"] is not None:
-        cfg["data_kw"] = dict(sizes["data_kw"])
+        settings["data_kw"] = dict(sizes["data_kw"])
     if sizes["epochs"] is not None:
-        cfg["epochs"] = sizes["epochs"]
-    return cfg
-
-
-# --------------------------------------------------------------------------- utilities
-
-
-def _median(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(statistics.median(xs)) if xs else float("nan")
-
-
-def _mean(xs: Sequence[float]) -> float:
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return float(statistics.fmean(xs)) if xs else float("nan")
-
-
-def _trainer(callbacks: list[L.Callback], **kw: Any) -> L.Trainer:
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    opts.update(kw)
-    return L.Trainer(callbacks=callbacks, **opts)
+        settings["epochs"] = sizes["epochs"]
+    return RunnerConfig(**settings)
 
 
 # --------------------------------------------------------------------------- 1. the budget curve
@@ -138,45 +121,42 @@ def _inner_name(spec: str | int) -> str:
     return f"{steps} inner steps" + (f", lr {lr:g}" if lr is not None else "") + ("" if htr else ", no HTR")
 
 
-def _point_cost_kw(cfg: dict[str, Any], budget: int | None, inner: str | int | None, steps_per_epoch: int) -> dict:
-    kw = dict(cfg["cost_kw"])
+def point_spec(cfg: RunnerConfig, budget: int | None, inner: str | int | None, steps_per_epoch: int) -> dict:
+    """The callback arguments of one point: main.yaml's preset with ``inner`` (``T[@LR][:nohtr]``) inner
+    steps and, when ``budget`` is given, ``budget`` forced teleports per epoch, evenly spaced."""
+    over: dict[str, Any] = {}
     if inner is not None:
-        kw["inner_steps"], lr, htr = parse_inner(inner)
-        if lr is not None:
-            kw["inner_lr"] = lr
+        steps, lr, htr = parse_inner(inner)
+        over["teleporter"] = {"inner_steps": steps, **({"inner_lr": lr} if lr is not None else {})}
         if not htr:
-            kw["use_htr"] = False
-    if budget is not None:  # forced: b evenly spaced teleports per epoch
-        kw["max_teleports_per_epoch"] = int(budget)
-        kw["teleport_every"] = max(1, steps_per_epoch // budget) if budget else 0
-    return kw
+            over["transfer"] = "keep"
+    if budget is not None:
+        over["schedule"] = {"max_per_epoch": int(budget),
+                            "every": max(1, steps_per_epoch // budget) if budget else 0}
+    return deep_merge(cfg.spec(PRESET), over)
 
 
-def _baselines(dm: Any, cfg: dict[str, Any], seeds: Sequence[int], out: Path, source: Path | None,
+def _baselines(dm: Any, cfg: RunnerConfig, seeds: Sequence[int], out: Path, source: Path | None,
                log: Callable[[str], None]) -> dict[str, Any]:
     """Single-task test metrics per task, mean over seeds (cached in ``out/baselines``)."""
-    from benchmarks.run import _fingerprint, train_one
+    from benchmarks.runner.grid import fingerprint
+    from benchmarks.runner.train import train_one
 
-    tasks = [s.name for s in dm.task_specs]
-    key = {k: cfg[k] for k in ("dataset", "data_kw", "epochs", "lr", "weight_decay", "model_kw",
-                               "limit_train_batches")}
+    key = {"dataset": cfg.dataset, "data_kw": cfg.data_kw, "epochs": cfg.epochs, "lr": cfg.lr,
+           "weight_decay": cfg.weight_decay, "model_kw": cfg.model_kw, "limit_train_batches": cfg.limit_train_batches}
     rows = []
-    for t in tasks:
-        for s in seeds:
-            if source is not None:
-                r = _load_json(source / f"{t}__seed{s}.json")
-                if r is None:
-                    raise FileNotFoundError(f"no baseline {t}__seed{s}.json in {source}")
-            else:
-                path = out / "baselines" / f"{t}__seed{s}.json"
-                r = _load_json(path)
-                if r is None or r.get("config_hash") != _fingerprint({**key, "task": t, "seed": s}):
-                    log(f"  single-task baseline {t} seed {s} ...")
-                    with _quiet():
-                        r = train_one(dm, cfg, seed=s, task=t, ckpt_dir=out / "ckpt" / f"stl_{t}_{s}")
-                    r["config_hash"] = _fingerprint({**key, "task": t, "seed": s})
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    _write_json(path, {k: v for k, v in r.items() if k != "teleport_history"})
+    for t in (s.name for s in dm.task_specs):
+        for seed in seeds:
+            path = (source or out / "baselines") / f"{t}__seed{seed}.json"
+            r = load_json(path)
+            if source is not None and r is None:
+                raise FileNotFoundError(f"no baseline {path.name} in {source}")
+            if source is None and (r is None or r.get("config_hash") != fingerprint({**key, "task": t, "seed": seed})):
+                log(f"  single-task baseline {t} seed {seed} ...")
+                with quiet(everything=True):
+                    r = train_one(dm, cfg, seed=seed, task=t, ckpt_dir=out / "ckpt" / f"stl_{t}_{seed}")
+                r["config_hash"] = fingerprint({**key, "task": t, "seed": seed})
+                write_json(path, {k: v for k, v in r.items() if k != "teleport_history"})
             rows.append(r)
     hib: dict[str, bool] = {}
     for r in rows:
@@ -186,124 +166,132 @@ def _baselines(dm: Any, cfg: dict[str, Any], seeds: Sequence[int], out: Path, so
             "seeds": list(seeds)}
 
 
-def _summarize_history(history: list[dict[str, Any]]) -> dict[str, float]:
-    acc = [h for h in history if h.get("accepted")]
-    return {
-        "loss_drift_mean": _mean([h.get("loss_drift") for h in acc]),
-        "displacement_rel_mean": _mean([h.get("displacement_rel") for h in acc]),
-        "grad_norm_ratio_mean": _mean([h["grad_norm_after"] / max(h["grad_norm_before"], 1e-30) for h in acc]),
-        "teleport_s_mean": _mean([h["seconds"] for h in history]),
-    }
-
-
-def _warm_up(dm: Any, cfg: dict[str, Any]) -> None:
+def _warm_up(dm: Any) -> None:
     """One-off costs (PEFT's import, the first Trainer, first-call allocations) before anything is timed."""
     import peft.tuners.lora  # noqa: F401
 
-    from benchmarks import make_model
-    from benchmarks.lit import MTLBenchModule
-    from lightning_cost import SymmetryTeleportCallback
+    from benchmarks.models.modules import MTLBenchModule
+    from benchmarks.registry import make_model
 
     model = MTLBenchModule(make_model(dm), dm.task_specs, method="fairgrad", method_kw={"alpha": 2.0})
-    tele = SymmetryTeleportCallback(teleport_every=2, inner_steps=1, max_teleports_per_epoch=None)
-    with _quiet():
-        _trainer([tele], max_steps=3).fit(model, dm.train_dataloader())
+    tele = build_teleport({"teleporter": {"inner_steps": 1}, "schedule": {"every": 2, "max_per_epoch": None}}, 0)
+    with quiet(everything=True):
+        quiet_trainer([tele], max_steps=3).fit(model, dm.train_dataloader())
+
+
+def _points(budgets: Sequence[int], inner: Sequence[str]) -> list[dict[str, Any]]:
+    """FairGrad, COST as configured, COST with the trigger checked but no teleport, and every forced point."""
+    points: list[dict[str, Any]] = [{"label": "fairgrad", "cost": "none", "budget": None, "inner_steps": None},
+                                    {"label": "cost-default", "cost": PRESET, "budget": None, "inner_steps": None}]
+    if 0 in budgets:  # no teleport: the inner settings do not matter, one run
+        points.append({"label": "cost-b0", "cost": PRESET, "budget": 0, "inner_steps": None})
+    for t in inner:
+        points += [{"label": f"cost-{_inner_label(t)}-b{b}", "cost": PRESET, "budget": b, "inner_steps": str(t)}
+                   for b in budgets if b]
+    return points
+
+
+def _run_point(dm: Any, cfg: RunnerConfig, p: dict[str, Any], seed: int, rep: int, steps_per_epoch: int,
+               base: dict[str, Any], out: Path, rerun: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """One point of the curve (cached in ``out/runs``): FairGrad with the point's callback, timed."""
+    import dataclasses
+
+    from benchmarks.runner.stats import run_delta_m
+    from benchmarks.runner.train import train_one
+
+    path = out / "runs" / f"{p['label']}__seed{seed}__rep{rep}.json"
+    spec = point_spec(cfg, p["budget"], p["inner_steps"], steps_per_epoch) if p["cost"] != "none" else None
+    key = json.loads(json.dumps({"cfg": dataclasses.asdict(cfg), "spec": spec, "point": p, "seed": seed, "rep": rep},
+                                default=str))
+    old = load_json(path)
+    if old is not None and old.get("key") == key and not rerun:
+        return old
+    log(f"  [rep {rep} seed {seed}] {p['label']} ...")
+    c = dataclasses.replace(cfg, cost_variants={**cfg.cost_variants, "point": spec or {}}, cost=["none", "point"])
+    with quiet(everything=True):
+        r = train_one(dm, c, seed=seed, method="fairgrad", cost="point" if spec else "none",
+                      ckpt_dir=out / "ckpt" / path.stem)
+    row = {**p, "seed": seed, "rep": rep, "key": key, "wall_s": r["wall_time_s"], "test": r["test"],
+           "delta_m": run_delta_m(r["test"], base["metrics"], base["higher_is_better"]),
+           "teleports": r["teleports"], "rejected": r["rejected_teleports"], "teleport_s": r["teleport_seconds"],
+           "trigger_ratio": r[f"trigger_ratio_{_rule(spec)}"],
+           "checked_steps": r["checked_steps"], "skipped_steps": r["skipped_steps"],
+           **summarize_history(r["teleport_history"])}
+    log(f"    {row['wall_s']:.1f}s, teleports {row['teleports']}, delta_m {row['delta_m']:.2f}")
+    write_json(path, row)
+    return row
+
+
+def _rule(spec: dict[str, Any] | None) -> str:
+    """The trigger rule a callback spec uses (``majority`` unless it says otherwise)."""
+    trigger = (spec or {}).get("trigger", "majority")
+    return trigger if isinstance(trigger, str) else trigger.get("rule", "majority")
+
+
+def _point_summary(p: dict[str, Any], rs: list[dict[str, Any]], fg_dm: float) -> dict[str, Any]:
+    first = [r for r in rs if r["rep"] == 0]
+    dm_mean = _mean([r["delta_m"] for r in first])
+    return {
+        **p,
+        "teleports_per_epoch": p["budget"],
+        "time_ratio": _median([r["time_ratio"] for r in rs]),
+        "time_ratio_min": min(r["time_ratio"] for r in rs),
+        "time_ratio_max": max(r["time_ratio"] for r in rs),
+        "time_ratio_teleport": _median([r["time_ratio_teleport"] for r in rs]),
+        "wall_s": _median([r["wall_s"] for r in rs]),
+        "teleport_s": _median([r["teleport_s"] for r in rs]),
+        "teleport_share": _median([r["teleport_s"] / r["wall_s"] for r in rs]),
+        **{k: _mean([r[k] for r in first]) for k in ("teleports", "rejected", "trigger_ratio", "loss_drift_mean",
+                                                      "displacement_rel_mean", "grad_norm_ratio_mean",
+                                                      "teleport_s_mean")},
+        "delta_m": dm_mean,
+        "delta_m_gain_vs_fairgrad": fg_dm - dm_mean,
+        "test": {k: _mean([r["test"][k] for r in first]) for k in first[0]["test"]},
+        "n": len(rs),
+    }
+
+
+def _time_ratios(runs: list[dict[str, Any]]) -> None:
+    """Each run's time over the FairGrad run of the same seed and repeat, and (less noisy) FairGrad's
+    median time plus the run's own measured teleport seconds over FairGrad's."""
+    ref = {(r["seed"], r["rep"]): r["wall_s"] for r in runs if r["label"] == "fairgrad"}
+    fg_wall = _median(list(ref.values()))
+    for r in runs:
+        r["time_ratio"] = r["wall_s"] / ref[(r["seed"], r["rep"])]
+        r["time_ratio_teleport"] = (fg_wall + r["teleport_s"]) / fg_wall
 
 
 def bench_budget(args: argparse.Namespace, sizes: dict[str, Any], out: Path, log: Callable[[str], None]) -> dict:
-    from benchmarks import make_datamodule
-    from benchmarks.run import _delta_m, train_one
+    from benchmarks.registry import make_datamodule
 
     cfg = runner_config(args.quick, args.threads)
-    dm = make_datamodule(cfg["dataset"], **cfg["data_kw"])
+    dm = make_datamodule(cfg.dataset, **cfg.data_kw)
     dm.setup()
     steps_per_epoch = len(dm.train_dataloader())
     budgets = list(args.budgets if args.budgets is not None else sizes["budgets"])
     inner = list(args.inner_steps if args.inner_steps is not None else sizes["inner_steps"])
     seeds = list(args.seeds)
-    log(f"budget: {cfg['dataset']} {cfg['data_kw']}, {cfg['epochs']} epoch(s) x {steps_per_epoch} steps, "
+    log(f"budget: {cfg.dataset} {cfg.data_kw}, {cfg.epochs} epoch(s) x {steps_per_epoch} steps, "
         f"budgets {budgets}, inner steps {inner}, seeds {seeds}, repeats {args.repeats}")
     base = _baselines(dm, cfg, seeds, out, args.baselines_from, log)
-    _warm_up(dm, cfg)
-
-    points: list[dict[str, Any]] = [{"label": "fairgrad", "cost": "none", "budget": None, "inner_steps": None}]
-    points.append({"label": "cost-default", "cost": "on", "budget": None, "inner_steps": None})
-    if 0 in budgets:  # no teleport: the inner settings do not matter, one run
-        points.append({"label": "cost-b0", "cost": "on", "budget": 0, "inner_steps": None})
-    for t in inner:
-        for b in budgets:
-            if b:
-                points.append({"label": f"cost-{_inner_label(t)}-b{b}", "cost": "on", "budget": b,
-                               "inner_steps": str(t)})
+    _warm_up(dm)
+    points = _points(budgets, inner)
     runs: list[dict[str, Any]] = []
     for rep in range(args.repeats):
         for seed in seeds:
             order = list(points)
             random.Random(1000 * rep + seed).shuffle(order)
-            for p in order:
-                path = out / "runs" / f"{p['label']}__seed{seed}__rep{rep}.json"
-                c = copy.deepcopy(cfg)
-                c["cost_kw"] = _point_cost_kw(cfg, p["budget"], p["inner_steps"], steps_per_epoch)
-                c["use_htr"] = c["cost_kw"].pop("use_htr", c["use_htr"])  # the runner's COST flags win over cost_kw
-                key = {"cfg": c, "point": p, "seed": seed, "rep": rep}
-                old = _load_json(path)
-                if old is not None and old.get("key") == json.loads(json.dumps(key, default=str)) and not args.rerun:
-                    runs.append(old)
-                    continue
-                log(f"  [rep {rep} seed {seed}] {p['label']} ...")
-                with _quiet():
-                    r = train_one(dm, c, seed=seed, method="fairgrad", cost=p["cost"],
-                                  ckpt_dir=out / "ckpt" / path.stem)
-                row = {**p, "seed": seed, "rep": rep, "key": key, "wall_s": r["wall_time_s"], "test": r["test"],
-                       "delta_m": _delta_m(r["test"], base["metrics"], base["higher_is_better"]),
-                       "teleports": r["teleports"], "rejected": r["rejected_teleports"],
-                       "teleport_s": r["teleport_seconds"], "trigger_ratio": r["trigger_ratio"],
-                       "checked_steps": r["checked_steps"], "skipped_steps": r["skipped_steps"],
-                       **_summarize_history(r["teleport_history"])}
-                log(f"    {row['wall_s']:.1f}s, teleports {row['teleports']}, delta_m {row['delta_m']:.2f}")
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _write_json(path, row)
-                runs.append(row)
+            runs += [_run_point(dm, cfg, p, seed, rep, steps_per_epoch, base, out, args.rerun, log) for p in order]
     import shutil
 
     shutil.rmtree(out / "ckpt", ignore_errors=True)
-    ref = {(r["seed"], r["rep"]): r["wall_s"] for r in runs if r["label"] == "fairgrad"}
-    fg_wall = _median(list(ref.values()))
-    for r in runs:
-        r["time_ratio"] = r["wall_s"] / ref[(r["seed"], r["rep"])]
-        # less noisy: FairGrad's (median) time plus the teleports' own measured seconds
-        r["time_ratio_teleport"] = (fg_wall + r["teleport_s"]) / fg_wall
-    summary = []
+    _time_ratios(runs)
     fg_dm = _mean([r["delta_m"] for r in runs if r["label"] == "fairgrad" and r["rep"] == 0])
-    for p in points:
-        rs = [r for r in runs if r["label"] == p["label"]]
-        first = [r for r in rs if r["rep"] == 0]
-        dm_mean = _mean([r["delta_m"] for r in first])
-        summary.append({
-            **p,
-            "teleports_per_epoch": p["budget"],
-            "time_ratio": _median([r["time_ratio"] for r in rs]),
-            "time_ratio_min": min(r["time_ratio"] for r in rs),
-            "time_ratio_max": max(r["time_ratio"] for r in rs),
-            "time_ratio_teleport": _median([r["time_ratio_teleport"] for r in rs]),
-            "wall_s": _median([r["wall_s"] for r in rs]),
-            "teleport_s": _median([r["teleport_s"] for r in rs]),
-            "teleport_share": _median([r["teleport_s"] / r["wall_s"] for r in rs]),
-            "teleports": _mean([r["teleports"] for r in first]),
-            "rejected": _mean([r["rejected"] for r in first]),
-            "trigger_ratio": _mean([r["trigger_ratio"] for r in first]),
-            "delta_m": dm_mean,
-            "delta_m_gain_vs_fairgrad": fg_dm - dm_mean,
-            "test": {k: _mean([r["test"][k] for r in first]) for k in first[0]["test"]},
-            "loss_drift_mean": _mean([r["loss_drift_mean"] for r in first]),
-            "displacement_rel_mean": _mean([r["displacement_rel_mean"] for r in first]),
-            "grad_norm_ratio_mean": _mean([r["grad_norm_ratio_mean"] for r in first]),
-            "teleport_s_mean": _mean([r["teleport_s_mean"] for r in first]),
-            "n": len(rs),
-        })
+    summary = [_point_summary(p, [r for r in runs if r["label"] == p["label"]], fg_dm) for p in points]
     default = next(s for s in summary if s["label"] == "cost-default")
     return {
-        "config": {k: cfg[k] for k in ("dataset", "data_kw", "epochs", "lr", "method_kw", "cost_kw")},
+        "config": {"dataset": cfg.dataset, "data_kw": cfg.data_kw, "epochs": cfg.epochs, "lr": cfg.lr,
+                   "method_kw": cfg.method_kw, "cost_spec": cfg.spec(PRESET)},
         "steps_per_epoch": steps_per_epoch, "budgets": budgets, "inner_steps": inner, "seeds": seeds,
         "repeats": args.repeats, "baseline": base, "points": summary, "runs": runs,
         "target": {"time_ratio_max": TARGET_RATIO, "default_time_ratio": default["time_ratio"],
@@ -350,354 +338,11 @@ def plot_budget(res: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------- 2. the levers
-
-
-def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms of each function, the functions run in a shuffled order in every repetition."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    rng = random.Random(0)
-    for _ in range(reps):
-        keys = list(fns)
-        rng.shuffle(keys)
-        for k in keys:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(1e3 * (time.perf_counter() - t))
-    return {k: _median(v) for k, v in times.items()}
-
-
-def _module(dataset: str, method: str, data_kw: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    from benchmarks import make_datamodule, make_model
-    from benchmarks.lit import MTLBenchModule
-
-    dm = make_datamodule(dataset, **(data_kw or {}))
-    dm.setup()
-    kw = {"alpha": 2.0} if method == "fairgrad" else {}
-    return dm, MTLBenchModule(make_model(dm), dm.task_specs, method=method, method_kw=kw, lr=1e-3)
-
-
-def lever_forward_paths(dataset: str, data_kw: dict[str, Any], reps: int, n: int = 5) -> dict[str, Any]:
-    """(a) loop vs vmap for the n~ perturbed losses; (e) merged weight vs PEFT's LoRA branch."""
-    from lightning_cost.teleport.adapter import TeleportAdapter
-    from lightning_cost.teleport.objective import balance_ratios, sample_sphere, sharpness
-
-    torch.manual_seed(0)
-    dm, model = _module(dataset, "fairgrad", data_kw)
-    model.train()
-    batch = next(iter(dm.train_dataloader()))
-    shared = model.shared_parameters()
-    ad = TeleportAdapter(model, shared)
-    ad.inject()
-    with torch.no_grad():
-        for p in ad.parameters():
-            p.normal_(0.0, 1e-2)
-    g = torch.Generator().manual_seed(0)
-    draws = [sample_sphere([p.shape for p in shared], 1e-2, g) for _ in range(n)]
-    stacked = [torch.stack(parts) for parts in zip(*draws, strict=True)]
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    params = ad.parameters()
-    fn = model.evaluate_task_losses
-
-    def restore() -> None:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-
-    def loop() -> Tensor:
-        with torch.no_grad():
-            base = ad.overrides()
-            out = torch.stack([ad.call(fn, batch, 0, eps=e, overrides=base) for e in draws])
-        restore()
-        return out
-
-    def batched() -> Tensor:
-        with torch.no_grad():
-            return ad.call_batched(fn, batch, 0, eps=stacked)
-
-    def peft_branch(grad: bool = False) -> Any:
-        for _, layer in ad._lora_layers:
-            layer.enable_adapters(True)
-        try:
-            with torch.set_grad_enabled(grad):
-                losses = fn(batch, 0) if not ad.dense_params else ad.call(fn, batch, 0, overrides={
-                    k: v for k, v in ad.overrides().items() if k not in {key for key, _ in ad._lora_layers}})
-                if grad:
-                    torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        finally:
-            for _, layer in ad._lora_layers:
-                layer.enable_adapters(False)
-            for p in params:
-                p.requires_grad_(True)
-            restore()
-
-    def merged(grad: bool = False) -> Any:
-        with torch.set_grad_enabled(grad):
-            losses = ad.call(fn, batch, 0)
-            if grad:
-                torch.autograd.grad(losses.sum(), params, allow_unused=True)
-        restore()
-
-    a, b = loop(), batched()
-    ratios = balance_ratios(torch.rand(a.shape[1]) + 0.1)
-    lg_loop = max(float(sharpness(x, ratios)) for x in a)
-    lg_vmap = max(float(sharpness(x, ratios)) for x in b)
-    with torch.no_grad():
-        for _, layer in ad._lora_layers:
-            layer.enable_adapters(True)
-        ref = fn(batch, 0) if not ad.dense_params else None
-        for _, layer in ad._lora_layers:
-            layer.enable_adapters(False)
-        for p in params:
-            p.requires_grad_(True)
-        restore()
-        same = ad.call(fn, batch, 0)
-        restore()
-    ms = _interleaved({"perturbed_loop": loop, "perturbed_vmap": batched, "fwd_peft_branch": peft_branch,
-                       "fwd_merged_weight": merged, "fwd_bwd_peft_branch": lambda: peft_branch(True),
-                       "fwd_bwd_merged_weight": lambda: merged(True)}, reps)
-    ad.discard()
-    return {
-        "dataset": dataset, "batch_size": int(batch[0].shape[0]), "num_perturbations": n, "ms": ms,
-        "vmap_over_loop": ms["perturbed_vmap"] / ms["perturbed_loop"],
-        "merged_over_peft_fwd": ms["fwd_merged_weight"] / ms["fwd_peft_branch"],
-        "merged_over_peft_fwd_bwd": ms["fwd_bwd_merged_weight"] / ms["fwd_bwd_peft_branch"],
-        "max_abs_loss_diff_vmap_vs_loop": float((a - b).abs().max()),
-        "lg_loop": lg_loop, "lg_vmap": lg_vmap, "lg_rel_diff": abs(lg_vmap - lg_loop) / max(abs(lg_loop), 1e-30),
-        "max_abs_loss_diff_merged_vs_peft": float((same - ref).abs().max()) if ref is not None else None,
-    }
-
-
-def lever_inner_steps(sizes: dict[str, Any], cfg: dict[str, Any], log: Callable[[str], None]) -> list[dict]:
-    """(b) fewer inner steps, larger inner lr: what a teleport costs and what it does."""
-    from lightning_cost import SymmetryTeleportCallback
-
-    rows = []
-    for steps, lr in sizes["lever_grid"]:
-        log(f"  inner steps {steps}, inner lr {lr or 'outer (1e-3)'} ...")
-        L.seed_everything(0, verbose=False)
-        dm, model = _module("multimnist", "fairgrad", cfg["data_kw"])
-        n = len(dm.train_dataloader())
-        every = max(2, n // 4)
-        tele = SymmetryTeleportCallback(**{**cfg["cost_kw"], "inner_steps": steps, "inner_lr": lr,
-                                           "max_teleports_per_epoch": None, "teleport_every": every})
-        with _quiet():
-            _trainer([tele], max_epochs=1).fit(model, dm.train_dataloader())
-        hist = tele.history
-        acc = [h for h in hist if h["accepted"]]
-        lt0 = [h["inner_terms"][0][0] for h in acc]
-        lt1 = [h["inner_terms"][-1][0] for h in acc]
-        lg0 = [h["inner_terms"][0][1] for h in acc]
-        lg1 = [h["inner_terms"][-1][1] for h in acc]
-        rows.append({
-            "inner_steps": steps, "inner_lr": lr if lr is not None else cfg["lr"],
-            "teleports": len(hist), "accepted": len(acc),
-            "teleport_s_mean": _mean([h["seconds"] for h in hist]),
-            **{k: v for k, v in _summarize_history(hist).items() if k != "teleport_s_mean"},
-            "conflicts_after_mean": _mean([h["conflicts_after"] for h in acc]),
-            "sigma_mean": _mean([h["sigma"] for h in acc]),
-            "lt_final_mean": _mean(lt1), "lt_first_mean": _mean(lt0),
-            "lg_gain_rel_mean": _mean([(b - a) / max(abs(a), 1e-30) for a, b in zip(lg0, lg1, strict=True)]),
-            "first_teleport": {k: acc[0].get(k) for k in ("loss_drift", "displacement_rel", "seconds")} if acc else None,
-        })
-    return rows
-
-
-class ParityTimer(L.Callback):
-    """Wall time of every training batch with its ``global_step``."""
-
-    def __init__(self) -> None:
-        self.rows: list[tuple[int, float]] = []
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        self._step, self._t = trainer.global_step, time.perf_counter()
-
-    def on_train_batch_end(self, *args: Any) -> None:
-        self.rows.append((self._step, time.perf_counter() - self._t))
-
-
-def lever_step_costs(sizes: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:
-    """(c) FairGrad's step with vs without COST's trigger; (d) LS with the exact or the representation trigger.
-
-    Paired design: one run per variant with ``check_every=2``, so the trigger (and, for LS, the Jacobian
-    or the representation gradients it needs) runs on the even steps only; the ratio is the median
-    time of the checked steps over the median of the unchecked ones *of the same run*, which
-    alternate step by step and so see the same machine load. Pooled over ``step_reps`` runs.
-    """
-    from benchmarks import make_model
-    from benchmarks.lit import MTLBenchModule
-    from lightning_cost import SymmetryTeleportCallback
-
-    variants = {
-        "fairgrad+exact_trigger": ("fairgrad", {}),
-        "ls+exact_trigger": ("ls", {}),
-        "ls+rep_trigger_flatten": ("ls", {"trigger_on": "representation"}),
-        "ls+rep_trigger_mean": ("ls", {"trigger_on": "representation", "representation_reduce": "mean"}),
-    }
-    out: dict[str, Any] = {}
-    for dataset in ("multimnist", "yeast"):
-        data_kw = cfg["data_kw"] if dataset == "multimnist" else {"batch_size": 64}
-        dm, _ = _module(dataset, "ls", data_kw)
-        loader = dm.train_dataloader()
-        rows: dict[str, list[tuple[int, float]]] = {k: [] for k in variants}
-        rng = random.Random(1)
-        for _ in range(sizes["step_reps"]):
-            keys = list(variants)
-            rng.shuffle(keys)
-            for k in keys:
-                method, tele_kw = variants[k]
-                L.seed_everything(0, verbose=False)
-                kw = {"alpha": 2.0} if method == "fairgrad" else {}
-                model = MTLBenchModule(make_model(dm), dm.task_specs, method=method, method_kw=kw, lr=1e-3)
-                tele = SymmetryTeleportCallback(max_teleports_per_epoch=0, check_every=2, **tele_kw)
-                timer = ParityTimer()
-                with _quiet():
-                    _trainer([timer, tele], max_steps=2 * sizes["step_batches"] + 2).fit(model, loader)
-                rows[k] += timer.rows[2:]  # the first steps pay one-off costs
-        res = {}
-        for k, rs in rows.items():
-            checked = _median([t for s, t in rs if s % 2 == 0]) * 1e3
-            plain = _median([t for s, t in rs if s % 2 == 1]) * 1e3
-            res[k] = {"checked_step_ms": checked, "unchecked_step_ms": plain, "ratio": checked / plain,
-                      "steps": len(rs)}
-        out[dataset] = {"K": len(dm.task_specs), "batch_size": dm.batch_size, **res}
-    return out
-
-
-# --------------------------------------------------------------------------- 3. agreement
-
-
-class AgreementRecorder(L.Callback):
-    """Per step: the exact trigger (parameter Jacobian) and the representation trigger, both rules."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: Any) -> None:
-        pl_module.request_jacobian(True)
-        pl_module.request_representation_jacobian(True)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: Any) -> None:
-        pl_module.request_representation_jacobian(False)
-
-    def on_after_backward(self, trainer: L.Trainer, pl_module: Any) -> None:
-        from lightning_cost.teleport import trigger as T
-
-        rec = pl_module.mtl_step
-        if rec is None or rec.jacobian is None or rec.representation_jacobian is None or not rec.finite:
-            return
-        row = {"exact": T.conflict_cosines(rec.jacobian).tolist()}
-        for reduce in ("flatten", "mean"):
-            row[reduce] = T.conflict_cosines_from_gram(T.representation_gram(rec.representation_jacobian, reduce)).tolist()
-        self.rows.append(row)
-
-
-def _agreement_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from lightning_cost.teleport.trigger import ConflictTrigger
-
-    out: dict[str, Any] = {"steps": len(rows)}
-    if not rows:
-        return out
-    k = len(rows[0]["exact"])
-    for rule in ("majority", "any"):
-        trig = ConflictTrigger(rule)
-        exact = [trig.decide(torch.tensor(r["exact"], dtype=torch.float64)).fire for r in rows]
-        out[rule] = {"exact_fire_rate": _mean([float(e) for e in exact])}
-        for reduce in ("flatten", "mean"):
-            rep = [trig.decide(torch.tensor(r[reduce], dtype=torch.float64)).fire for r in rows]
-            both = sum(a and b for a, b in zip(exact, rep, strict=True))
-            neither = sum((not a) and (not b) for a, b in zip(exact, rep, strict=True))
-            only_exact = sum(a and not b for a, b in zip(exact, rep, strict=True))
-            only_rep = sum(b and not a for a, b in zip(exact, rep, strict=True))
-            n = len(rows)
-            out[rule][reduce] = {
-                "both_fire": both / n, "both_silent": neither / n, "exact_only": only_exact / n,
-                "rep_only": only_rep / n, "agreement": (both + neither) / n, "rep_fire_rate": (both + only_rep) / n,
-                "recall": both / (both + only_exact) if both + only_exact else float("nan"),
-                "precision": both / (both + only_rep) if both + only_rep else float("nan"),
-            }
-    ex = torch.tensor([r["exact"] for r in rows], dtype=torch.float64)
-    for reduce in ("flatten", "mean"):
-        rp = torch.tensor([r[reduce] for r in rows], dtype=torch.float64)
-        sign = ((ex < 0) == (rp < 0)).double().mean()
-        a, b = ex.flatten() - ex.mean(), rp.flatten() - rp.mean()
-        corr = float((a @ b) / (a.norm() * b.norm())) if a.norm() > 0 and b.norm() > 0 else float("nan")
-        out[f"task_sign_agreement_{reduce}"] = float(sign)
-        out[f"cosine_correlation_{reduce}"] = corr
-    out["K"] = k
-    return out
-
-
-def _synthetic(k: int = 4, n: int = 4096, d: int = 16, width: int = 2, seed: int = 0) -> tuple[Any, Any]:
-    """K regression tasks ``y_i = s_i tanh(x . w_i)`` (independent ``w_i``, task 0 twice as large) through a
-    ``width``-unit shared bottleneck: the tasks compete for the representation, so conflicts are frequent
-    (measured with LS: the exact ceil(K/2) rule fires on ~40 % of the first 150 steps, the any-task rule
-    on ~80 %)."""
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from benchmarks.lit import MTLBenchModule
-    from benchmarks.models import MultiTaskNet, make_heads, mlp
-    from benchmarks.tasks import TaskSpec
-
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, d, generator=g)
-    ys = []
-    for i in range(k):
-        w = torch.randn(d, generator=g)
-        ys.append((2.0 if i == 0 else 1.0) * torch.tanh(x @ w) + 0.1 * torch.randn(n, generator=g))
-    specs = [TaskSpec.regression(f"t{i}") for i in range(k)]
-    net = MultiTaskNet(mlp(d, (32, width), batchnorm=False), make_heads(specs, width))
-    model = MTLBenchModule(net, specs, method="ls", lr=1e-3)
-    return model, DataLoader(TensorDataset(x, torch.stack(ys, 1)), batch_size=32, shuffle=True, generator=g)
-
-
-def bench_agreement(sizes: dict[str, Any], cfg: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    runs = [
-        ("multimnist", "fairgrad", cfg["data_kw"], cfg["epochs"], sizes["agree_mm_batches"]),
-        ("yeast", "fairgrad", {"batch_size": 64}, sizes["yeast_epochs"], None),
-    ]
-    for dataset, method, data_kw, epochs, limit in runs:
-        log(f"  {dataset} ({method}) ...")
-        L.seed_everything(0, verbose=False)
-        dm, model = _module(dataset, method, data_kw)
-        recorder = AgreementRecorder()
-        kw = {"limit_train_batches": limit} if limit else {}
-        with _quiet():
-            _trainer([recorder], max_epochs=epochs, **kw).fit(model, dm.train_dataloader())
-        out[dataset] = {"method": method, "epochs": epochs, **_agreement_stats(recorder.rows)}
-    log("  synthetic (ls, K=4) ...")
-    L.seed_everything(0, verbose=False)
-    model, loader = _synthetic()
-    recorder = AgreementRecorder()
-    with _quiet():
-        _trainer([recorder], max_steps=sizes["agree_synth_steps"]).fit(model, loader)
-    out["synthetic"] = {"method": "ls", **_agreement_stats(recorder.rows)}
-    return out
-
-
 # --------------------------------------------------------------------------- report
 
 
-def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if not math.isfinite(v):
-            return "-"
-        return f"{v:.{nd}g}" if abs(v) < 1e-3 and v != 0 else f"{v:.{nd}f}"
-    return str(v)
-
-
 def _table(title: str, header: list[str], rows: list[list[Any]]) -> str:
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(header)]
-    lines = [title, "  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
+    return text_table(title, header, rows, digits=3)
 
 
 def render(res: dict[str, Any]) -> str:
@@ -722,17 +367,10 @@ def render(res: dict[str, Any]) -> str:
               f"silent); forced points within the target: {t['forced_points_within_target']}")
     if "levers" in res:
         lv = res["levers"]
-        rows = [[r["dataset"], r["batch_size"], r["ms"]["perturbed_loop"], r["ms"]["perturbed_vmap"],
-                 r["vmap_over_loop"], r["lg_rel_diff"], r["ms"]["fwd_peft_branch"], r["ms"]["fwd_merged_weight"],
-                 r["merged_over_peft_fwd"], r["merged_over_peft_fwd_bwd"]] for r in lv["forward_paths"]]
-        parts.append(_table("2a. n~=5 perturbed losses (ms): loop vs vmap; adapter forward (ms): PEFT branch vs "
-                            "merged weight",
-                            ["data", "batch", "loop", "vmap", "vmap/loop", "L_g rel diff", "peft fwd", "merged fwd",
-                             "merged/peft", "(fwd+bwd)"], rows))
         rows = [[r["inner_steps"], r["inner_lr"], r["accepted"], r["teleport_s_mean"], r["loss_drift_mean"],
                  r["displacement_rel_mean"], r["grad_norm_ratio_mean"], r["lt_final_mean"], r["lg_gain_rel_mean"],
                  r["sigma_mean"]] for r in lv["inner_steps"]]
-        parts.append(_table("2b. inner steps x inner lr (MultiMNIST FairGrad, forced teleports in one epoch)",
+        parts.append(_table("2a. inner steps x inner lr (MultiMNIST FairGrad, forced teleports in one epoch)",
                             ["steps", "lr", "accepted", "s/teleport", "loss drift", "|dθ|/|θ|", "|g| after/before",
                              "L_t final", "L_g gain", "sigma"], rows))
         rows = []
@@ -740,7 +378,7 @@ def render(res: dict[str, Any]) -> str:
             for k, v in r.items():
                 if isinstance(v, dict):
                     rows.append([ds, r["K"], k, v["unchecked_step_ms"], v["checked_step_ms"], v["ratio"]])
-        parts.append(_table("2c/2d. step time with the trigger checked vs not (check_every=2, same run)",
+        parts.append(_table("2b. step time with the trigger checked vs not (check_every=2, same run)",
                             ["data", "K", "variant", "plain step ms", "checked step ms", "ratio"], rows))
     if "agreement" in res:
         rows = []
@@ -775,21 +413,19 @@ def run(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict[st
         plot_budget(res["budget"], out / "cost_budget.png")
     cfg = runner_config(args.quick, args.threads)
     if "levers" in args.sections:
+        from benchmarks.perf.levers import lever_inner_steps, lever_step_costs
+
         log("2. levers ...")
-        mm_kw = dict(cfg["data_kw"])
-        res["levers"] = {
-            "forward_paths": [lever_forward_paths("multimnist", mm_kw, sizes["lever_reps"]),
-                              lever_forward_paths("yeast", {"batch_size": 64}, sizes["lever_reps"])],
-        }
-        res["levers"]["inner_steps"] = lever_inner_steps(sizes, cfg, log)
-        res["levers"]["step_costs"] = lever_step_costs(sizes, cfg)
+        res["levers"] = {"inner_steps": lever_inner_steps(sizes, cfg, log), "step_costs": lever_step_costs(sizes, cfg)}
     if "agreement" in args.sections:
+        from benchmarks.perf.agreement import bench_agreement
+
         log("3. agreement ...")
         res["agreement"] = bench_agreement(sizes, cfg, log)
     res["meta"]["seconds"] = time.perf_counter() - start
     text = render(res)
     (out / "cost_budget.txt").write_text(text + "\n")
-    _write_json(out / "cost_budget.json", res)
+    write_json(out / "cost_budget.json", res)
     log("\n" + text)
     return res
 

@@ -1,10 +1,10 @@
 """LightningModules for the paper's benchmarks: dense targets, several metrics per task, graph batches.
 
-:class:`PaperMTLModule` / :class:`PaperSingleTaskModule` are :class:`~benchmarks.lit.MTLBenchModule` /
-:class:`~benchmarks.lit.SingleTaskModule` (same arguments, same optimiser and ``lr_scheduler``
+:class:`PaperMTLModule` / :class:`PaperSingleTaskModule` are :class:`~benchmarks.models.modules.MTLBenchModule` /
+:class:`~benchmarks.models.modules.SingleTaskModule` (same arguments, same optimiser and ``lr_scheduler``
 handling) with three changes:
 
-* losses and metrics come from :mod:`benchmarks.paper_tasks` (pixel-wise losses for CityScapes/NYUv2,
+* losses and metrics come from :mod:`benchmarks.paper.tasks` (pixel-wise losses for CityScapes/NYUv2,
   F1 for CelebA, MAE for QM9), and every metric of a task is logged as ``<stage>/<task>/<metric>``
   (e.g. ``test/segmentation/miou``, ``test/segmentation/pixacc``); :attr:`metric_directions` gives
   their directions (the runner reads it, so Delta-m% averages over all of them, as eq. 14 does);
@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from benchmarks.lit import MTLBenchModule, SingleTaskModule
-from benchmarks.paper_tasks import make_paper_metric, paper_task_loss
+from benchmarks.models.modules import MTLBenchModule, SingleTaskModule
+from benchmarks.paper.tasks import make_paper_metric, paper_task_loss
 
 __all__ = ["PaperMTLModule", "PaperSingleTaskModule"]
 
@@ -45,7 +45,7 @@ def _batch_size(y: Any) -> int:
 
 
 class _PaperEvalMixin:
-    """Overrides the metric, evaluation and loss helpers of :class:`benchmarks.lit._EvalMixin`."""
+    """Overrides the metric, evaluation and loss helpers of :class:`benchmarks.models.modules._EvalMixin`."""
 
     def _init_metrics(self) -> None:
         self.val_metrics = nn.ModuleDict({s.name: make_paper_metric(s) for s in self.eval_specs})
@@ -60,6 +60,10 @@ class _PaperEvalMixin:
 
     def _task_loss(self, spec, out: dict[str, Tensor], y: Any, k: int) -> Tensor:
         return paper_task_loss(spec, out[spec.name], _target(y, k, spec.name), self.regression_loss)
+
+    @staticmethod
+    def _batch_size(y: Any) -> int:
+        return _batch_size(y)
 
     def _eval_step(self, batch: Any, metrics: nn.ModuleDict) -> None:
         x, y = batch
@@ -102,24 +106,9 @@ class _PaperEvalMixin:
 
 
 class PaperMTLModule(_PaperEvalMixin, MTLBenchModule):
-    """:class:`~benchmarks.lit.MTLBenchModule` for the paper's data sets (module docstring)."""
-
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        x, y = batch
-        out = self.net(x)
-        losses = {s.name: self._task_loss(s, out, y, k) for k, s in enumerate(self.specs)}
-        bs = _batch_size(y)
-        for name, v in losses.items():
-            self.log(f"train/{name}/loss", v.detach(), on_step=False, on_epoch=True, batch_size=bs)
-        return losses
+    """:class:`~benchmarks.models.modules.MTLBenchModule` for the paper's data sets (module docstring)."""
 
 
 class PaperSingleTaskModule(_PaperEvalMixin, SingleTaskModule):
-    """:class:`~benchmarks.lit.SingleTaskModule` for the paper's data sets (module docstring)."""
+    """:class:`~benchmarks.models.modules.SingleTaskModule` for the paper's data sets (module docstring)."""
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        x, y = batch
-        out = self.net(x)
-        loss = self._task_loss(self.spec, out, y, self.col)
-        self.log(f"train/{self.task}/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=_batch_size(y))
-        return loss

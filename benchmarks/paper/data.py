@@ -4,7 +4,7 @@ Nothing is ever downloaded: each DataModule checks its layout first and raises
 ``FileNotFoundError`` naming the expected paths, file names and shapes. Point a DataModule at
 its data with ``root=...`` (``data_kw: {root: ...}`` in a runner config) or move the whole data
 root with ``$LIGHTNING_COST_DATA`` (default ``<project>/../shared/data``, see
-:mod:`benchmarks.data`); without ``root`` each one reads ``<data root>/<name>``. A relative
+:mod:`benchmarks.data.base`); without ``root`` each one reads ``<data root>/<name>``. A relative
 ``root`` that does not exist from the working directory is also looked up under the data root.
 
 CityScapes / NYUv2 (:class:`CityScapesDataModule`, :class:`NYUv2DataModule`)
@@ -74,8 +74,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
-from benchmarks.data import DATA_ENV_VAR, _MultiTaskDataModule, _safe_task_names, default_data_root
-from benchmarks.paper_tasks import attribute_task, depth_task, normal_task, segmentation_task
+from benchmarks.data.base import DATA_ENV_VAR, MultiTaskDataModule, default_data_root, safe_task_names
+from benchmarks.paper.tasks import attribute_task, depth_task, normal_task, segmentation_task
 from benchmarks.tasks import TaskSpec
 
 __all__ = [
@@ -111,8 +111,21 @@ def resolve_root(root: str | os.PathLike | None, default: str) -> Path:
     return alt if alt.exists() else p
 
 
-class _PaperDataModule(_MultiTaskDataModule):
-    """The base class's loaders (with its ``collate_fn`` hook) over lazily read data sets."""
+class _PaperDataModule(MultiTaskDataModule):
+    """The base class's loaders (with its ``collate_fn`` hook) over lazily read data sets; the evaluation
+    batch defaults to the training batch (these inputs are large)."""
+
+    def __init__(self, root: str | os.PathLike | None, batch_size: int, seed: int,
+                 eval_batch_size: int | None = None, **loader: Any) -> None:
+        super().__init__(batch_size, eval_batch_size or batch_size, seed=seed, **loader)
+        self.root_arg = root
+
+    #: the folder under the data root read when no ``root`` is given
+    DEFAULT_FOLDER = "."
+
+    def data_files(self) -> list[Path]:
+        """The data folder (the runner fingerprints a folder by its listing, not its content)."""
+        return [resolve_root(self.root_arg, self.DEFAULT_FOLDER)]
 
     @property
     def in_shape(self) -> tuple[int, ...]:
@@ -248,13 +261,9 @@ class DenseNpyDataModule(_PaperDataModule):
         augment: bool = True,
         num_train: int | None = None,
         num_test: int | None = None,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or batch_size, num_workers, seed, pin_memory, drop_last)
-        self.root_arg = root
+        super().__init__(root, batch_size, seed, **loader)  # eval_batch_size, num_workers, ... (base classes)
         self.num_classes = int(num_classes or self.NUM_CLASSES)
         if self.num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {self.num_classes}")
@@ -440,7 +449,7 @@ class CelebADataModule(_PaperDataModule):
     """CelebA: 40 binary face attributes as 40 tasks, through ``torchvision.datasets.CelebA``.
 
     Paper settings (Sec. 5.1, after FairGrad): the 9-layer CNN with linear heads
-    (:func:`benchmarks.paper_models.celeba_cnn`), Adam lr 3e-4, 15 epochs, batch size 256; images
+    (:func:`benchmarks.paper.models.celeba_cnn`), Adam lr 3e-4, 15 epochs, batch size 256; images
     resized to 64x64 (FairGrad/FAMO's ``Resize((64, 64))``, no normalisation). Metric: F1 per
     attribute. Official train (162,770) / valid (19,867) / test (19,962) partition.
 
@@ -465,13 +474,9 @@ class CelebADataModule(_PaperDataModule):
         num_train: int | None = None,
         num_val: int | None = None,
         num_test: int | None = None,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or batch_size, num_workers, seed, pin_memory, drop_last)
-        self.root_arg = root
+        super().__init__(root, batch_size, seed, **loader)  # eval_batch_size, num_workers, ... (base classes)
         size = (int(image_size), int(image_size)) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
         if len(size) != 2 or min(size) < 1:
             raise ValueError(f"image_size must be an int or (H, W), got {image_size!r}")
@@ -530,7 +535,7 @@ class CelebADataModule(_PaperDataModule):
             if len(ds) == 0:
                 raise ValueError(f"CelebA split {s!r} is empty (list_eval_partition.txt)")
         self.attr_names = names
-        self._task_specs = tuple(attribute_task(n) for n in _safe_task_names(names))
+        self._task_specs = tuple(attribute_task(n) for n in safe_task_names(names))
         self._in_shape = (3, *self.image_size)
 
         def cut(ds, n):
@@ -642,7 +647,7 @@ class QM9DataModule(_PaperDataModule):
     """QM9: 11 molecular properties as 11 regression tasks, through ``torch_geometric.datasets.QM9``.
 
     Paper settings (Sec. 5.1, after Nash-MTL/FairGrad): the MPNN of
-    :func:`benchmarks.paper_models.qm9_mpnn`, Adam lr 1e-3, 300 epochs, batch size 120, the lr
+    :func:`benchmarks.paper.models.qm9_mpnn`, Adam lr 1e-3, 300 epochs, batch size 120, the lr
     reduced on a validation plateau (reference code: factor 0.7, patience 5, min lr 1e-5). Targets
     standardised (MSE on the standardised targets is the training loss); MAE in original units
     (energies in meV when ``report_mev``).
@@ -657,6 +662,8 @@ class QM9DataModule(_PaperDataModule):
     NAME = "QM9"
     collate_fn = GraphCollate()
 
+    DEFAULT_FOLDER = "qm9"
+
     def __init__(
         self,
         root: str | os.PathLike | None = None,
@@ -668,13 +675,9 @@ class QM9DataModule(_PaperDataModule):
         num_test: int = 10_000,
         num_train: int | None = None,
         report_mev: bool = True,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        drop_last: bool | None = None,
+        **loader: Any,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size or batch_size, num_workers, seed, pin_memory, drop_last)
-        self.root_arg = root
+        super().__init__(root, batch_size, seed, **loader)  # eval_batch_size, num_workers, ... (base classes)
         self.targets = tuple(int(t) for t in targets)
         if not self.targets or any(t not in QM9_NAMES for t in self.targets) or len(set(self.targets)) != len(self.targets):
             raise ValueError(f"targets must be distinct PyG QM9 columns in 0..18, got {tuple(targets)}")
@@ -713,7 +716,7 @@ class QM9DataModule(_PaperDataModule):
             import torch_geometric  # noqa: F401
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError("QM9DataModule needs PyTorch Geometric: pip install 'lightning-cost[paper]'") from e
-        root = resolve_root(self.root_arg, "qm9")
+        root = resolve_root(self.root_arg, self.DEFAULT_FOLDER)
         self.root = root
         self._check(root)
         ds = _offline_qm9(str(root))

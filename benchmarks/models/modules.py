@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from benchmarks.models import MultiTaskNet
+from benchmarks.models.networks import MultiTaskNet
 from benchmarks.tasks import TaskSpec, make_task_metric, task_loss
 from lightning_cost.mixin import MultiTaskMixin
 
@@ -58,6 +58,14 @@ class _EvalMixin:
     def _init_metrics(self) -> None:
         self.val_metrics = nn.ModuleDict({s.name: make_task_metric(s) for s in self.eval_specs})
         self.test_metrics = nn.ModuleDict({s.name: make_task_metric(s) for s in self.eval_specs})
+
+    def _task_loss(self, spec: TaskSpec, out: dict[str, Tensor], y: Any, k: int) -> Tensor:
+        """The masked loss of task ``spec`` (target column ``k``)."""
+        return task_loss(spec, out[spec.name], y[:, k], self.regression_loss)
+
+    @staticmethod
+    def _batch_size(y: Any) -> int:
+        return int(y.shape[0])
 
     def _spec_index(self) -> dict[str, int]:
         return {s.name: k for k, s in enumerate(self.specs)}
@@ -138,11 +146,15 @@ class MTLBenchModule(_EvalMixin, MultiTaskMixin, L.LightningModule):
         self._init_metrics()
         self.configure_multitask([s.name for s in self.specs], shared=self.net.trunk, method=method, **(method_kw or {}))
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+    def compute_task_losses(self, batch: Any) -> dict[str, Tensor]:
+        """The masked task losses of ``batch``, without side effects: what a teleport re-evaluates."""
         x, y = batch
         out = self.net(x)
-        losses = {s.name: task_loss(s, out[s.name], y[:, k], self.regression_loss) for k, s in enumerate(self.specs)}
-        bs = int(y.shape[0])
+        return {s.name: self._task_loss(s, out, y, k) for k, s in enumerate(self.specs)}
+
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
+        losses = self.compute_task_losses(batch)
+        bs = self._batch_size(batch[1])
         for name, v in losses.items():
             self.log(f"train/{name}/loss", v.detach(), on_step=False, on_epoch=True, batch_size=bs)
         return losses
@@ -179,9 +191,8 @@ class SingleTaskModule(_EvalMixin, L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch
-        out = self.net(x)
-        loss = task_loss(self.spec, out[self.task], y[:, self.col], self.regression_loss)
-        self.log(f"train/{self.task}/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=int(y.shape[0]))
+        loss = self._task_loss(self.spec, self.net(x), y, self.col)
+        self.log(f"train/{self.task}/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=self._batch_size(y))
         return loss
 
 

@@ -1,0 +1,11 @@
+"""The benchmark runner, one module per job:
+
+* :mod:`.config` -- options (command line, YAML) and the validated :class:`~.config.RunnerConfig`;
+* :mod:`.variants` -- COST variants as presets of callback arguments, the callback built from one;
+* :mod:`.train` -- one training run (early stopping on validation, curves, trigger ratios, test);
+* :mod:`.grid` -- the grid of runs and its cache;
+* :mod:`.stats` -- Delta-m%, confidence intervals, paired differences, mean ranks;
+* :mod:`.report` -- CSV, markdown, figure and console tables;
+* :mod:`.verdict` -- finished result folders collected into ``verdict.json`` and ``VERDICT.md``;
+* :mod:`.cli` -- ``python -m benchmarks.run``.
+"""

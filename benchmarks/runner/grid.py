@@ -1,0 +1,160 @@
+"""The grid: single-task baselines and every ``(method, COST variant, seed)``, cached run by run.
+
+Files under ``<out>``: ``baselines/<task>__seed<s>.json`` and ``runs/<method>__cost-<variant>__seed<s>.json``,
+then the reports (:mod:`benchmarks.runner.report`). A run whose JSON exists with the same cache key is
+skipped; the key holds every setting that changes the run and the sha256 of the data file(s)
+(:func:`data_fingerprint`), so an edited data file re-runs everything that read it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import load_json, write_json
+from benchmarks.runner.config import RunnerConfig, default_out
+
+__all__ = ["Job", "data_fingerprint", "plan_jobs", "run_benchmark", "fingerprint", "out_dir"]
+
+#: bumped when a run's record or protocol changes, so that older results are not reused
+PROTOCOL = 2
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (the cache key of a run)."""
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _folder_digest(folder: Path) -> str:
+    """A folder's fingerprint from its listing (relative names, sizes, modification times): the
+    paper's image folders are too large to read for every run."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(folder)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return "listing:" + h.hexdigest()
+
+
+def data_fingerprint(files: list[Path]) -> dict[str, str]:
+    """``{file name: sha256}`` of the data a DataModule reads (folders: a listing digest)."""
+    from benchmarks.data.base import file_sha256
+
+    out = {}
+    for f in files:
+        f = Path(f)
+        if f.is_dir():
+            out[f.name] = _folder_digest(f)
+        elif f.is_file():
+            out[f.name] = file_sha256(f)
+    return out
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the grid: ``kind`` is ``"baseline"`` (``task`` set) or ``"run"``."""
+
+    kind: str
+    path: Path
+    key: dict[str, Any]
+    seed: int
+    method: str = "ls"
+    cost: str = "none"
+    task: str | None = None
+
+    @property
+    def label(self) -> str:
+        what = f"single-task {self.task}" if self.kind == "baseline" else f"{self.method} cost={self.cost}"
+        return f"{what} seed {self.seed}"
+
+
+def _common_key(cfg: RunnerConfig, data: dict[str, str]) -> dict[str, Any]:
+    key = {"protocol": PROTOCOL, "dataset": cfg.dataset, "data_kw": cfg.data_kw, "data_sha256": data,
+           "epochs": cfg.epochs, "patience": cfg.patience, "min_delta": cfg.min_delta, "lr": cfg.lr,
+           "weight_decay": cfg.weight_decay, "regression_loss": cfg.regression_loss, "model_kw": cfg.model_kw,
+           "limit_train_batches": cfg.limit_train_batches}
+    if cfg.lr_scheduler:
+        key["lr_scheduler"] = cfg.lr_scheduler
+    return key
+
+
+def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[str, str]) -> list[Job]:
+    """Every baseline and run of the configuration, with its result file and cache key."""
+    common = _common_key(cfg, data)
+    jobs = []
+    if cfg.baselines:
+        for task in task_names:
+            for s in cfg.baseline_seed_list():
+                jobs.append(Job("baseline", out / "baselines" / f"{task}__seed{s}.json",
+                                {**common, "task": task, "seed": s}, s, task=task))
+    for m, c, s in cfg.runs():
+        key = {**common, "method": m, "method_kw": cfg.method_kw.get(m, {}), "cost": c, "cost_spec": cfg.spec(c),
+               "seed": s}
+        jobs.append(Job("run", out / "runs" / f"{m}__cost-{c}__seed{s}.json", key, s, method=m, cost=c))
+    return jobs
+
+
+def out_dir(cfg: RunnerConfig) -> Path:
+    from benchmarks.registry import dataset_title
+
+    return Path(cfg.out).expanduser() if cfg.out else default_out(dataset_title(cfg.dataset, cfg.data_kw))
+
+
+def _todo(jobs: list[Job], rerun: bool) -> list[Job]:
+    todo = []
+    for job in jobs:
+        old = load_json(job.path)
+        if rerun or old is None or old.get("config_hash") != fingerprint(job.key):
+            todo.append(job)
+    return todo
+
+
+def _run_jobs(todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path, console: Any) -> None:
+    from benchmarks.runner.train import train_one
+
+    for i, job in enumerate(todo, 1):
+        label = f"[{i}/{len(todo)}] {title}: {job.label}"
+        console.rule(label)
+        res = train_one(dm, cfg, seed=job.seed, method=job.method, cost=job.cost, task=job.task,
+                        ckpt_dir=out / "ckpt" / job.path.stem, label=label)
+        res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
+                    "config_hash": fingerprint(job.key),
+                    **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost})})
+        write_json(job.path, res)
+        console.print(f"  done in {res['wall_time_s']:.1f}s, {res['epochs_run']} epochs (best {res['best_epoch']}): "
+                      "test " + ", ".join(f"{k}={v:.4f}" for k, v in res["test"].items())
+                      + (f", teleports={res['teleports']}" if job.cost != "none" else ""))
+    shutil.rmtree(out / "ckpt", ignore_errors=True)
+
+
+def run_benchmark(cfg: RunnerConfig) -> dict[str, Any]:
+    """Run (or reuse) the baselines and the grid, write the reports; returns the summary
+    (:func:`benchmarks.runner.stats.summarize`)."""
+    from rich.console import Console
+
+    from benchmarks.registry import dataset_title, make_datamodule
+    from benchmarks.runner.report import write_reports
+    from benchmarks.runner.stats import summarize
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    title, out = dataset_title(cfg.dataset, cfg.data_kw), out_dir(cfg)
+    dm = make_datamodule(cfg.dataset, **cfg.data_kw)
+    data = data_fingerprint(dm.data_files())
+    jobs = plan_jobs(cfg, out, [s.name for s in dm.task_specs] if cfg.baselines else [], data)
+    if not cfg.report_only:
+        todo = _todo(jobs, cfg.rerun)
+        console.print(f"[bold]{title}[/]: {len(jobs) - len(todo)} of {len(jobs)} runs already done, "
+                      f"{len(todo)} to run -> {out}")
+        if todo:
+            dm.setup()
+            _run_jobs(todo, dm, cfg, title, out, console)
+    runs = [r for j in jobs if j.kind == "run" and (r := load_json(j.path)) is not None]
+    bases = [r for j in jobs if j.kind == "baseline" and (r := load_json(j.path)) is not None]
+    summary = summarize(runs, bases, title)
+    write_reports(summary, out, console)
+    return summary
