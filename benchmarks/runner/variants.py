@@ -78,18 +78,33 @@ def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
 
     ``spec`` holds :class:`~lightning_cost.SymmetryTeleportCallback`'s arguments (``teleporter``,
     ``trigger``, ``schedule``, ``transfer``, ``teleport_batches``, ...); the callback validates them.
+    Two kinds of ablation control (:mod:`benchmarks.controls`) are presets too: ``{"control": "drop_step"}``
+    or ``"reset_state"`` at the steps ``schedule.every`` forces, and the teleporter
+    ``{"name": "random_move", "relative_size": ...}``.
     """
     from lightning_cost import SymmetryTeleportCallback
 
+    if "control" in spec:
+        from benchmarks.controls import build_control
+
+        return build_control(spec["control"], every=int(spec.get("schedule", {}).get("every", 0)))
+    teleporter = spec.get("teleporter")
+    if isinstance(teleporter, Mapping) and teleporter.get("name") == "random_move":
+        from benchmarks.controls import RandomMove, RandomMoveConfig
+
+        settings = {k: v for k, v in teleporter.items() if k != "name"}
+        spec = {**spec, "teleporter": RandomMove(RandomMoveConfig(**settings))}
     return SymmetryTeleportCallback(**{**spec, "seed": seed})
 
 
 def teleport_records(callback: Any) -> list[dict[str, Any]]:
     """The callback's teleport history as plain dicts (``TeleportRecord`` dataclasses, nested ``before`` /
-    ``after`` gradient statistics included)."""
-    return [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in callback.history]
+    ``after`` gradient statistics included); a control keeps none."""
+    return [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in getattr(callback, "history", [])]
 
 
 def teleport_counts(callback: Any) -> tuple[int, int]:
-    """``(accepted, rejected)`` teleports of a finished run."""
+    """``(accepted, rejected)`` teleports of a finished run (a control: the steps it acted on, 0)."""
+    if not hasattr(callback, "num_teleports"):
+        return int(callback.count), 0
     return int(callback.num_teleports), int(callback.num_rejected)
