@@ -232,6 +232,13 @@ def one_teleport(base: Any, work: Any, batch: Any, variant: str, teleporter: Tel
     _set_shared(control, [p.detach() + (n * scale).to(p.dtype) for p, n in zip(base.shared_parameters(), noise,
                                                                                strict=True)])
     out["control"] = compare(before, plain_stats(control, batch))
+    symmetry = getattr(teleporter, "found", None)
+    if symmetry is not None:  # a random teleport along the same symmetries, scales uniform in the same box
+        bound = math.log(teleporter.config.max_scale)
+        module.load_state_dict(base.state_dict())
+        s = (torch.rand(symmetry.num_scales, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        symmetry.apply_(s.float())
+        out["control_symmetry"] = compare(before, plain_stats(module, batch))
     return out
 
 
@@ -256,6 +263,7 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             rows = [r for r in results if r["model"] == model and r["variant"] == variant]
             moved = [r for r in rows if r.get("moved")]
             controls = [r["control"] for r in moved]
+            random_symmetry = [r["control_symmetry"] for r in moved if "control_symmetry" in r]
             table.append({
                 "model": model, "variant": variant, "teleports": len(rows),
                 "accepted": sum(r["accepted"] for r in rows), "moved": len(moved),
@@ -265,6 +273,9 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "control_loss_drift": _median(controls, "loss_drift"),
                 "control_grad_norm_ratio": _median(controls, "grad_norm_ratio"),
                 "control_min_cos_change": _median(controls, "min_cos_change"),
+                **({"symmetry_control_grad_norm_ratio": _median(random_symmetry, "grad_norm_ratio"),
+                    "symmetry_control_min_cos_change": _median(random_symmetry, "min_cos_change"),
+                    "symmetry_control_loss_drift": _median(random_symmetry, "loss_drift")} if random_symmetry else {}),
             })
     return table
 
@@ -280,9 +291,12 @@ def write_table(table: list[dict[str, Any]], path: Path, argv: Sequence[str]) ->
             f"{r['conflicts_before']:.1f}→{r['conflicts_after']:.1f}",
             f"{r['teleport_seconds']:.2f} (×{r['teleport_seconds'] / r['jacobian_seconds']:.1f})",
             f"{r['control_loss_drift']:.2e}", f"{r['control_grad_norm_ratio']:.3f}",
-            f"{r['control_min_cos_change']:+.3f}"]) + " |")
+            f"{r['control_min_cos_change']:+.3f}",
+            f"{r['symmetry_control_grad_norm_ratio']:.3f}" if "symmetry_control_grad_norm_ratio" in r else "",
+            f"{r['symmetry_control_min_cos_change']:+.3f}" if "symmetry_control_min_cos_change" in r else ""]) + " |")
     text = ("Medians over the teleports that moved, measured by plain autograd on the teleport's batch before and "
-            "after; the control is a random move of the same norm.\n\n`python -m benchmarks.teleport_effect "
+            "after; the control is a random move of the same norm; for the rescaling teleports also a random "
+            "rescaling in the same box.\n\n`python -m benchmarks.teleport_effect "
             + " ".join(argv) + "`\n\n" + "\n".join(lines) + "\n")
     path.write_text(text)
     return text
@@ -301,6 +315,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.scatter([c["loss_drift"] for c in ctrl], [c["grad_norm_ratio"] for c in ctrl], s=10, marker="x",
                    color="grey", label="random move (control)")
         ax.set_xscale("log")
+        ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_title(model)
         ax.set_xlabel("largest relative loss drift")

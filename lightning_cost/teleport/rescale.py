@@ -142,6 +142,11 @@ class RescaleTeleporter(Teleporter):
         self._symmetry: RescaleSymmetry | None = None
         self._key: tuple[int, ...] | None = None
 
+    @property
+    def found(self) -> RescaleSymmetry | None:
+        """The symmetry traced at the last teleport (``None`` before the first)."""
+        return self._symmetry
+
     def symmetry(self, problem: TeleportProblem) -> RescaleSymmetry:
         """The rescalings of the shared module among ``problem.params`` (traced once per parameter set)."""
         key = (id(problem.module), *(id(p) for p in problem.params))
