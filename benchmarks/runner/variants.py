@@ -6,7 +6,8 @@ A config names its presets (``cost_variants``) and picks the ones to run (``cost
       paper: {}                                   # the callback's defaults: eq. 4 trigger, LoRA, HTR
       authors: {trigger: any, schedule: {warmup_fraction: 0.25, max_per_epoch: 1},
                 teleporter: {name: lora, inner_steps: 100}}
-      rescale: {teleporter: {name: rescale, objective: conflict}}
+      rescale: {trigger: any, schedule: {warmup_fraction: 0.25, max_per_epoch: 1},
+                teleporter: {name: rescale, objective: conflict}}
     cost: [none, paper, authors]
 
 ``none`` is the base method without a callback. ``cost_kw`` holds arguments shared by every preset
@@ -32,7 +33,8 @@ DEFAULT_COST_VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {},
     "authors": {"trigger": "any", "schedule": {"warmup_fraction": 0.25, "max_per_epoch": 1},
                 "teleporter": {"name": "lora", "inner_steps": 100}},
-    "rescale": {"teleporter": {"name": "rescale", "objective": "conflict"}},
+    "rescale": {"trigger": "any", "schedule": {"warmup_fraction": 0.25, "max_per_epoch": 1},
+                "teleporter": {"name": "rescale", "objective": "conflict"}},
 }
 
 
