@@ -280,9 +280,10 @@ def summarize(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return table
 
 
-def write_table(table: list[dict[str, Any]], path: Path, argv: Sequence[str]) -> str:
-    head = ["model", "teleporter", "accepted/moved/n", "loss drift", "|dθ|/|θ|", "‖g0‖ ratio", "Δ min cos",
-            "conflicts before→after", "s/teleport (× Jacobian)", "control: drift", "control: ‖g0‖ ratio", "control: Δ min cos"]
+def write_table(table: list[dict[str, Any]], path: Path, commands: Sequence[str]) -> str:
+    head = ["model", "teleporter", "accepted/moved/n", "loss drift", "‖dθ‖/‖θ‖", "‖g0‖ ratio", "Δ min cos",
+            "conflicts before→after", "s/teleport (× Jacobian)", "control: drift", "control: ‖g0‖ ratio", "control: Δ min cos",
+            "random rescaling: ‖g0‖ ratio", "random rescaling: Δ min cos"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         lines.append("| " + " | ".join([
@@ -296,8 +297,8 @@ def write_table(table: list[dict[str, Any]], path: Path, argv: Sequence[str]) ->
             f"{r['symmetry_control_min_cos_change']:+.3f}" if "symmetry_control_min_cos_change" in r else ""]) + " |")
     text = ("Medians over the teleports that moved, measured by plain autograd on the teleport's batch before and "
             "after; the control is a random move of the same norm; for the rescaling teleports also a random "
-            "rescaling in the same box.\n\n`python -m benchmarks.teleport_effect "
-            + " ".join(argv) + "`\n\n" + "\n".join(lines) + "\n")
+            "rescaling in the same box.\n\n" + "".join(f"`{c}`\n" for c in commands)
+            + "\n" + "\n".join(lines) + "\n")
     path.write_text(text)
     return text
 
@@ -325,6 +326,18 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def merge_previous(path: Path, results: list[dict[str, Any]], command: str
+                   ) -> tuple[list[dict[str, Any]], list[str]]:
+    """Keep the rows of ``path`` for (model, teleporter) pairs this run did not measure, and the
+    commands that made them, so a table can be completed one model or teleporter at a time."""
+    old = json.loads(path.read_text()) if path.exists() else {}
+    measured = {(r["model"], r["variant"]) for r in results}
+    kept = [r for r in old.get("results", []) if (r["model"], r["variant"]) not in measured]
+    pairs = {(r["model"], r["variant"]) for r in kept}
+    commands = [c for c in old.get("commands", []) if c != command] if pairs else []
+    return kept + results, [*commands, command]
+
+
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.teleport_effect", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mlp3"], choices=["mlp3", "lenet", "fpmlp", "resnet18"])
@@ -347,10 +360,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 results.append(row)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                   if k != "control"}), flush=True)
+    results, commands = merge_previous(args.out / "effect.json", results,
+                                       "python -m benchmarks.teleport_effect " + " ".join(argv or []))
     table = summarize(results)
-    (args.out / "effect.json").write_text(json.dumps({"argv": list(argv or []), "results": results,
-                                                      "summary": table}, indent=1))
-    print(write_table(table, args.out / "effect.md", list(argv or [])))
+    (args.out / "effect.json").write_text(json.dumps({"commands": commands, "results": results, "summary": table},
+                                                     indent=1))
+    print(write_table(table, args.out / "effect.md", commands))
     plot(results, args.out / "effect.png")
     return table
 

@@ -8,9 +8,9 @@ skipped; the key holds every setting that changes the run and the sha256 of the 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,7 +129,8 @@ def _run_jobs(todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path
         console.print(f"  done in {res['wall_time_s']:.1f}s, {res['epochs_run']} epochs (best {res['best_epoch']}): "
                       "test " + ", ".join(f"{k}={v:.4f}" for k, v in res["test"].items())
                       + (f", teleports={res['teleports']}" if job.cost != "none" else ""))
-    shutil.rmtree(out / "ckpt", ignore_errors=True)
+    with contextlib.suppress(OSError):  # each run removed its own; another grid may still be writing here
+        (out / "ckpt").rmdir()
 
 
 def run_benchmark(cfg: RunnerConfig) -> dict[str, Any]:
