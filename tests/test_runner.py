@@ -369,6 +369,22 @@ def test_paired_difference_by_hand() -> None:
     assert p["time_ratio"] == pytest.approx((1.2 + 1.1 + 1.3) / 3)
 
 
+def test_teleport_effect_by_hand() -> None:
+    from benchmarks.runner.stats import teleport_effect
+
+    def record(norms, mins, drift, accepted=True, moved=True):
+        return {"accepted": accepted, "moved": moved, "loss_drift": drift,
+                "before": {"mean_norm": norms[0], "min_cos": mins[0]}, "after": {"mean_norm": norms[1], "min_cos": mins[1]}}
+
+    history = [record((1.0, 1.5), (0.1, 0.3), 1e-3), record((2.0, 2.2), (0.2, 0.1), 3e-3),
+               record((1.0, 4.0), (0.0, 0.5), 2e-3), record((1.0, 9.0), (0.0, 0.9), 0.5, accepted=False),
+               record((1.0, 9.0), (0.0, 0.9), 0.0, moved=False)]
+    e = teleport_effect(history)  # medians of (1.5, 1.1, 4.0), (0.2, -0.1, 0.5), (1e-3, 3e-3, 2e-3)
+    assert e["grad_norm_ratio"] == pytest.approx(1.5) and e["min_cos_change"] == pytest.approx(0.2)
+    assert e["loss_drift"] == pytest.approx(2e-3)
+    assert all(math.isnan(v) for v in teleport_effect([]).values())
+
+
 def _fabricated_run(dataset: str, method: str, cost: str, seed: int, test: dict, hib: dict, *, teleports: int = 0,
                     wall: float = 10.0, undefined: dict | None = None) -> dict:
     return {"dataset": dataset, "kind": "run", "method": method, "cost": cost, "seed": seed, "test": test,

@@ -44,18 +44,20 @@ def row_label(method: str, cost: str) -> str:
 def summary_columns(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the per-(method, cost) statistics (no per-metric column)."""
     header = ["Method", "Δm% ↓", "Δm% 95% CI", "paired Δ vs base", "paired 95% CI", "MR ↓", "epochs", "wall s",
-              "time × base", "teleports", *(f"trigger ratio ({rule})" for rule in RULES), "seeds"]
+              "time × base", "teleports", "‖g0‖ × per teleport", "Δ min cos per teleport",
+              *(f"trigger ratio ({rule})" for rule in RULES), "seeds"]
     body = []
     if summary["baseline_rows"]:
         body.append(["STL (single-task)", "0.00", "—", "—", "—", "—", _ms(summary["baseline_epochs"], 1),
-                     _ms(summary["baseline_wall"], 1), "—", "—", "—", "—",
+                     _ms(summary["baseline_wall"], 1), "—", "—", "—", "—", "—", "—",
                      str(len({r["seed"] for r in summary["baseline_rows"]}))])
     for a in summary["agg"]:
         n, p = a["n"], a["paired"] or {}
         body.append([row_label(a["method"], a["cost"]), _ms(a["delta_m"], 2, n), _ci(a["delta_m_ci95"]),
                      _num(p.get("mean", float("nan"))), _ci(p.get("ci95", (float("nan"),) * 2)), _num(a["mr"]),
                      _ms(a["epochs_run"], 1, n), _ms(a["wall_time_s"], 1, n), _num(p.get("time_ratio", float("nan"))),
-                     _ms(a["teleports"], 1, n), *(_ms(a[f"trigger_ratio_{r}"], 2, n, "—") for r in RULES), str(n)])
+                     _ms(a["teleports"], 1, n), _ms(a["grad_norm_ratio"], 3, n, "—"),
+                     _ms(a["min_cos_change"], 3, n, "—"), *(_ms(a[f"trigger_ratio_{r}"], 2, n, "—") for r in RULES), str(n)])
     return header, body
 
 
@@ -114,7 +116,10 @@ def _markdown(summary: dict[str, Any]) -> str:
               "of the same seed, with its t-interval; 'time × base' the mean ratio of their wall times. MR is the "
               "mean rank over the metrics among the multi-task rows. The trigger ratios count, on the steps that "
               "have per-task gradients, the share on which each rule would fire: 'majority' is eq. 4 "
-              "(ceil(K/2) tasks with cos(g_i, g_0) < 0), 'any' the authors' rule (one task with cos <= 0)."]
+              "(ceil(K/2) tasks with cos(g_i, g_0) < 0), 'any' the authors' rule (one task with cos <= 0). "
+              "'‖g0‖ × per teleport' and 'Δ min cos per teleport' are, per run, the median over its teleports "
+              "that moved of the mean gradient's norm ratio and the change of the smallest cos(g_i, g_0), "
+              "measured on the teleport's own batch before and after (then mean ± std over seeds)."]
     lines += [f"\n- Note: {n}" for n in summary["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -132,7 +137,8 @@ def write_reports(summary: dict[str, Any], out: Path, console: Any = None) -> No
     out.mkdir(parents=True, exist_ok=True)
     metrics = summary["metrics"]
     _write_csv(out / "runs.csv", ["dataset", "method", "cost", "seed", *metrics, "delta_m", "best_epoch", "epochs_run",
-                                  "wall_time_s", "teleports", *(f"trigger_ratio_{r}" for r in RULES)], summary["rows"])
+                                  "wall_time_s", "teleports", *(f"trigger_ratio_{r}" for r in RULES),
+                                  "grad_norm_ratio", "min_cos_change", "loss_drift"], summary["rows"])
     _write_csv(out / "baselines.csv", ["dataset", "task", "seed", *metrics, "best_epoch", "epochs_run", "wall_time_s"],
                summary["baseline_rows"])
     (out / "table.md").write_text(_markdown(summary))

@@ -17,7 +17,7 @@ import numpy as np
 from benchmarks.common import finite_mean
 from benchmarks.conflicts import RULES
 
-__all__ = ["t_interval", "mean_std", "run_delta_m", "paired_difference", "summarize"]
+__all__ = ["t_interval", "mean_std", "run_delta_m", "paired_difference", "teleport_effect", "summarize"]
 
 
 def t_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -70,6 +70,24 @@ def _directions(runs: list[dict[str, Any]], baselines: list[dict[str, Any]]) -> 
     return hib
 
 
+def teleport_effect(history: list[dict[str, Any]]) -> dict[str, float]:
+    """Medians over a run's teleports that moved of what each did on its own batches (the records'
+    before/after statistics): ``||g_0'|| / ||g_0||``, the change of the smallest ``cos(g_i, g_0)``
+    and the largest relative task-loss drift; NaN where nothing moved."""
+    moved = [h for h in history if h.get("accepted") and h.get("moved") and h.get("before") and h.get("after")]
+
+    def median(xs: list[float]) -> float:
+        xs = [x for x in xs if x is not None and math.isfinite(x)]
+        return float(np.median(xs)) if xs else float("nan")
+
+    return {
+        "grad_norm_ratio": median([h["after"]["mean_norm"] / h["before"]["mean_norm"] for h in moved
+                                   if h["before"]["mean_norm"] > 0]),
+        "min_cos_change": median([h["after"]["min_cos"] - h["before"]["min_cos"] for h in moved]),
+        "loss_drift": median([h.get("loss_drift", float("nan")) for h in moved]),
+    }
+
+
 def _run_row(r: dict[str, Any], metrics: list[str], base: dict[str, float], hib: dict[str, bool],
              has_baselines: bool) -> dict[str, Any]:
     row = {"dataset": r["dataset"], "method": r["method"], "cost": r["cost"], "seed": r["seed"]}
@@ -78,11 +96,14 @@ def _run_row(r: dict[str, Any], metrics: list[str], base: dict[str, float], hib:
         "delta_m": run_delta_m(r["test"], base, hib) if has_baselines else float("nan"),
         "best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "wall_time_s": r["wall_time_s"],
         "teleports": r["teleports"], **{f"trigger_ratio_{rule}": r.get(f"trigger_ratio_{rule}") for rule in RULES},
+        **teleport_effect(r.get("teleport_history") or []),
     })
     return row
 
 
-_AGG_KEYS = ("delta_m", "wall_time_s", "teleports", "epochs_run", *(f"trigger_ratio_{rule}" for rule in RULES))
+EFFECT_KEYS = ("grad_norm_ratio", "min_cos_change", "loss_drift")
+_AGG_KEYS = ("delta_m", "wall_time_s", "teleports", "epochs_run", *(f"trigger_ratio_{rule}" for rule in RULES),
+             *EFFECT_KEYS)
 
 
 def _aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str, Any]]:
