@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up the environment and run the main job: MultiMNIST, LS vs FairGrad vs FairGrad+COST,
-# printing a results table and writing results/main/{runs.csv,table.md,summary.png}.
+# Set up the environment and run the main job: FairGrad on MultiMNIST with forced teleports (LoRA,
+# exact rescaling) next to their controls (a dropped step, a random move of the same size), 3 paired
+# seeds; prints the tables and writes results/main/{runs.csv,table.md,summary.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv

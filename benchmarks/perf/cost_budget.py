@@ -1,4 +1,4 @@
-"""What COST costs: FairGrad + COST vs FairGrad on the main MultiMNIST run, over the teleport budget.
+"""What COST costs: FairGrad + COST vs FairGrad on a short MultiMNIST run, over the teleport budget.
 
     python -m benchmarks.perf.cost_budget [--quick] [--out DIR] [--seeds 0] [--repeats 1]
         [--budgets 0 1 2 4 8] [--inner-steps 10 3@3e-3 1@1e-2 1@1e-2:nohtr]
@@ -7,14 +7,14 @@
 Sections (``--sections``, default ``budget``):
 
 * ``budget``: the end-to-end training time (``trainer.fit``: training + the per-epoch validation) of
-  FairGrad + COST against FairGrad on the main job's settings (``benchmarks/configs/main.yaml``:
+  FairGrad + COST against FairGrad on the settings of ``benchmarks/configs/cost_budget.yaml`` (
   8000 training composites, 2 epochs, batch 256, Adam lr 1e-3, FairGrad alpha 2), with Delta-m%
   (eq. 14, against single-task baselines trained the same way) beside it. The ceil(K/2) trigger never
   fires on MultiMNIST (K = 2) at these settings, so the budget axis *forces* teleports:
   schedule ``max_per_epoch = b`` and ``every = steps_per_epoch // b`` (evenly spaced, the
   callback's own option), for ``b`` in ``--budgets`` teleports per epoch, and one curve per
   ``--inner-steps`` value (``T[@LR][:nohtr]``: T inner steps at inner lr LR, optionally without
-  HTR). ``cost-default`` is COST exactly as main.yaml configures it (trigger-driven); ``cost-b0``
+  HTR). ``cost-default`` is COST exactly as cost_budget.yaml configures it (trigger-driven); ``cost-b0``
   checks the trigger and never teleports. Runs reuse :func:`benchmarks.runner.train.train_one` (the runner's
   module, callbacks, epoch selection and test). Each repeat runs every point once, in a shuffled
   order, and every time ratio divides by the FairGrad run *of the same repeat*; the table gives the
@@ -29,7 +29,7 @@ Sections (``--sections``, default ``budget``):
   FairGrad (both use the one Jacobian); (d) the step time of LS with the exact trigger and with the
   representation trigger, on MultiMNIST and Yeast.
 * ``agreement``: how often the representation trigger (``trigger_on="representation"``, both
-  reductions) agrees with the exact one, step by step, on MultiMNIST (FairGrad, the main settings),
+  reductions) agrees with the exact one, step by step, on MultiMNIST (FairGrad, the budget's settings),
   Yeast (FairGrad, K = 14) and a synthetic regression problem where conflicts are frequent (LS, K = 4).
 
 Writes ``DIR/cost_budget.json`` (everything, raw runs included), ``DIR/cost_budget.txt`` (the
@@ -65,7 +65,7 @@ from benchmarks.perf.levers import PRESET, summarize_history
 from benchmarks.runner.config import RunnerConfig, config_from_argv
 from benchmarks.runner.variants import build_teleport, deep_merge
 
-MAIN_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "main.yaml"
+BUDGET_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cost_budget.yaml"
 TARGET_RATIO = 1.25  # the aim: COST <= 1.25x its base method's training time on MultiMNIST
 
 _mean, _median = finite_mean, finite_median
@@ -87,8 +87,8 @@ def make_config(quick: bool) -> dict[str, Any]:
 
 
 def runner_config(quick: bool, threads: int = 1) -> RunnerConfig:
-    """The runner's configuration of the main job (main.yaml through the runner's own parser)."""
-    settings, _ = config_from_argv(["--config", str(MAIN_CONFIG), "--progress", "false", "--threads", str(threads),
+    """The runner's configuration of the budget measurements (cost_budget.yaml through the runner's own parser)."""
+    settings, _ = config_from_argv(["--config", str(BUDGET_CONFIG), "--progress", "false", "--threads", str(threads),
                                     "--out", "unused"])
     sizes = make_config(quick)
     if sizes["data_kw"] is not None:
@@ -122,7 +122,7 @@ def _inner_name(spec: str | int) -> str:
 
 
 def point_spec(cfg: RunnerConfig, budget: int | None, inner: str | int | None, steps_per_epoch: int) -> dict:
-    """The callback arguments of one point: main.yaml's preset with ``inner`` (``T[@LR][:nohtr]``) inner
+    """The callback arguments of one point: cost_budget.yaml's preset with ``inner`` (``T[@LR][:nohtr]``) inner
     steps and, when ``budget`` is given, ``budget`` forced teleports per epoch, evenly spaced."""
     over: dict[str, Any] = {}
     if inner is not None:

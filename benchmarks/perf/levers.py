@@ -17,7 +17,7 @@ from benchmarks.runner.variants import build_teleport, deep_merge, teleport_reco
 
 __all__ = ["lever_inner_steps", "lever_step_costs", "module_and_data", "summarize_history"]
 
-#: the COST variant of main.yaml (``benchmarks/configs/main.yaml``) every measurement starts from
+#: the COST variant of ``benchmarks/configs/cost_budget.yaml`` every measurement starts from
 PRESET = "paper"
 
 _mean, _median = finite_mean, finite_median
