@@ -303,6 +303,9 @@ def write_table(table: list[dict[str, Any]], path: Path, commands: Sequence[str]
     return text
 
 
+FLOOR = 1e-8  #: where a drift of exactly 0 is drawn on the log axis
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -311,15 +314,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     for ax, model in zip(fig.subplots(1, len(models), squeeze=False)[0], models, strict=True):
         for variant in dict.fromkeys(r["variant"] for r in results if r["model"] == model):
             rows = [r for r in results if r["model"] == model and r["variant"] == variant and r.get("moved")]
-            ax.scatter([r["loss_drift"] for r in rows], [r["grad_norm_ratio"] for r in rows], s=14, label=variant)
+            ax.scatter([max(r["loss_drift"], FLOOR) for r in rows], [r["grad_norm_ratio"] for r in rows], s=14,
+                       label=variant)
         ctrl = [r["control"] for r in results if r["model"] == model and r.get("moved")]
         ax.scatter([c["loss_drift"] for c in ctrl], [c["grad_norm_ratio"] for c in ctrl], s=10, marker="x",
                    color="grey", label="random move (control)")
+        sym = [r["control_symmetry"] for r in results if r["model"] == model and r.get("moved")
+               and "control_symmetry" in r]
+        if sym:
+            ax.scatter([max(c["loss_drift"], FLOOR) for c in sym], [c["grad_norm_ratio"] for c in sym], s=14,
+                       marker="+", color="black", label="random rescaling (control)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.axhline(1.0, color="k", lw=0.5)
         ax.set_title(model)
-        ax.set_xlabel("largest relative loss drift")
+        ax.set_xlabel(f"largest relative loss drift (0 drawn at {FLOOR:g})")
         ax.set_ylabel("‖g0‖ after / before")
     fig.axes[0].legend(fontsize=7)
     fig.tight_layout()
