@@ -89,14 +89,14 @@ class ScaledGramian:
         for p, shape in zip(self.symmetry.params, shapes, strict=True):
             block = jacobian[:, offset : offset + p.numel()].reshape(self.k, *p.shape)
             offset += p.numel()
-            prod = block[i] * block[k]  # [pairs, *p.shape]
             if shape is None:
-                self.fixed += prod.reshape(prod.shape[0], -1).sum(dim=1).double()
+                flat = block.reshape(self.k, -1)
+                self.fixed += (flat @ flat.T)[i, k].double()
                 self.cells.append(None)
                 continue
             aligned = (1,) * (p.ndim - len(shape)) + tuple(shape)
-            dims = [d + 1 for d in range(p.ndim) if aligned[d] == 1 and p.shape[d] > 1]
-            self.cells.append(prod.sum(dim=dims, keepdim=True) if dims else prod)
+            summed = [d for d in range(p.ndim) if aligned[d] == 1 and p.shape[d] > 1]
+            self.cells.append(_cell_sums(block, summed, self.pairs) if summed else block[i] * block[k])
 
     def __call__(self, log_scales: Tensor) -> Tensor:
         """The ``[K, K]`` Gramian (float64) at the point rescaled by ``exp(log_scales)``."""
@@ -114,6 +114,17 @@ class ScaledGramian:
         out = packed.new_zeros(self.k, self.k)
         out = out.index_put((self.pairs[0], self.pairs[1]), packed)
         return out + out.triu(1).T
+
+
+def _cell_sums(block: Tensor, summed: list[int], pairs: Tensor) -> Tensor:
+    """``sum over the summed axes of J_i * J_k`` for every pair, shaped ``[pairs, *p.shape]`` with 1 on
+    the summed axes: one batched ``K x K`` product per cell, never the ``pairs x numel`` products."""
+    kept = [d for d in range(block.ndim - 1) if d not in summed]
+    x = block.permute(*(d + 1 for d in kept), 0, *(d + 1 for d in summed))
+    x = x.reshape(-1, block.shape[0], math.prod(block.shape[d + 1] for d in summed))
+    gram = x @ x.transpose(1, 2)  # [cells, K, K]
+    out_shape = [1 if d in summed else block.shape[d + 1] for d in range(block.ndim - 1)]
+    return gram[:, pairs[0], pairs[1]].T.reshape(pairs.shape[1], *out_shape)
 
 
 def scaled_objective(gram: Tensor, objective: str, temperature: float) -> Tensor:
