@@ -175,6 +175,10 @@ class MultiTaskStep:
                 return None
             # Hand the non-finite sum to the GradScaler: it skips the step and lowers its scale.
             return jacobian.sum(0), torch.ones(k, device=jacobian.device)
+        if record.gramian is not None and not bool(torch.isfinite(record.gramian).all()):
+            # a finite J whose squares overflow: the run has diverged; a clear skip, not a solver crash
+            self._mtl_skip(record, "task gradients so large that their Gramian overflows (diverged training)")
+            return None
         if isinstance(method, LossWeighting):
             coeffs = method.loss_weights(record.losses).to(jacobian.dtype)
             direction = coeffs @ jacobian

@@ -239,6 +239,24 @@ def test_non_finite_step_is_skipped_with_weights_untouched(method, caplog):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class HugeAt(TinyMTL):
+    def training_step(self, batch, batch_idx):
+        out = super().training_step(batch, batch_idx)
+        if batch_idx == 1:  # finite losses and gradients, but ||g_i||^2 overflows float32
+            out["t1"] = out["t1"] * 1e25
+        return out
+
+
+@pytest.mark.parametrize("method", ["fairgrad", "mgda"])
+def test_a_finite_jacobian_whose_gramian_overflows_skips_the_step(method, caplog):
+    L.seed_everything(0)
+    model = HugeAt(k=2, method=method)
+    with caplog.at_level(logging.WARNING, logger="lightning_cost"):
+        run(model, steps=3)
+    assert model.mtl_skipped_steps == 1 and "Gramian overflows" in caplog.text
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_aggregation_error_skips_the_step(caplog):
     model = TinyMTL(k=2, method=Failing())
     before = [p.detach().clone() for p in model.parameters()]
