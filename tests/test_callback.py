@@ -276,6 +276,22 @@ def test_schedule_every_forces_evenly_spaced_teleports():
         SymmetryTeleportCallback(schedule={"every": -1})
 
 
+def test_schedule_off_trigger_teleports_at_the_forced_steps_only_and_still_counts_the_trigger():
+    runs = {}
+    for on_trigger in (True, False):
+        L.seed_everything(0)
+        tele = SymmetryTeleportCallback(trigger=Always(), schedule={"every": 4, "max_per_epoch": None,
+                                                                    "on_trigger": on_trigger},
+                                        teleporter={"inner_steps": 1, "num_perturbations": 1, "loss_tolerance": 10.0})
+        fit(TinyMTL(k=2), [tele], steps=12)
+        runs[on_trigger] = tele
+    assert [r.step for r in runs[False].history] == [2, 6, 10]
+    assert len(runs[True].history) > 3  # the trigger fires on every step
+    assert runs[False].epoch_stats and runs[False].epoch_stats[-1]["trigger_ratio"] == 1.0
+    with pytest.raises(TypeError, match="on_trigger"):
+        SymmetryTeleportCallback(schedule={"on_trigger": "no"})
+
+
 def test_teleport_switches_dropout_off_so_the_losses_are_one_function_of_the_weights():
     """With dropout on, every loss evaluation draws new masks: L_t and the acceptance test would compare
     noise. The teleport runs with dropout off (and the layers are back in training mode afterwards)."""

@@ -167,7 +167,7 @@ class SymmetryTeleportCallback(L.Callback):
             if result is not None:
                 self.records.count_check(result.fire)
                 forced = self._forced or self._requested
-                if (result.fire or forced) and self._allowed(trainer):
+                if ((result.fire and self.schedule.on_trigger) or forced) and self._allowed(trainer):
                     self._requested = False
                     if self._teleport(trainer, pl_module, optimizer, record, result, forced):
                         for group in optimizer.param_groups:

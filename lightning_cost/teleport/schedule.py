@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lightning_cost.teleport._checks import check_float, check_int
+from lightning_cost.teleport._checks import check_bool, check_float, check_int
 
 __all__ = ["TeleportSchedule"]
 
@@ -25,6 +25,9 @@ class TeleportSchedule:
         every: ``N > 0`` also forces an attempt at the steps with ``step % N == N // 2`` whatever the
             trigger says (a fixed teleport budget, e.g. where the trigger is silent); the other limits
             still apply.
+        on_trigger: whether the trigger's decision starts a teleport. ``False``: only ``every`` and
+            ``request_teleport()`` do (a fixed budget at fixed steps, e.g. to compare teleporters and
+            controls at the same steps); the trigger is still checked and counted.
     """
 
     warmup_epochs: int = 0
@@ -34,6 +37,7 @@ class TeleportSchedule:
     min_steps_between: int = 0
     check_every: int = 1
     every: int = 0
+    on_trigger: bool = True
 
     def __post_init__(self) -> None:
         check_int("warmup_epochs", self.warmup_epochs, 0)
@@ -43,6 +47,7 @@ class TeleportSchedule:
         check_int("min_steps_between", self.min_steps_between, 0)
         check_int("check_every", self.check_every, 1)
         check_int("every", self.every, 0)
+        check_bool("on_trigger", self.on_trigger)
 
     def checks(self, step: int) -> bool:
         """Whether the trigger is checked at optimizer step ``step``."""
