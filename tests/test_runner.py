@@ -264,6 +264,32 @@ def test_cost_run_that_never_teleports_equals_its_base_run(tmp_path: Path) -> No
     assert other["weights_sha256"] != base["weights_sha256"]
 
 
+def test_a_run_that_stalls_is_kept_tested_and_noted_and_the_grid_goes_on(tmp_path: Path, monkeypatch) -> None:
+    from lightning_cost import TrainingStalledError
+    from lightning_cost.aggregators import FairGrad
+
+    _need("mnist.npz")
+    calls = {"n": 0}
+    original = FairGrad.aggregate
+
+    def stall_at_step_7(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise TrainingStalledError("FairGrad: 50 consecutive training steps were skipped; (a test)")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FairGrad, "aggregate", stall_at_step_7)
+    out = tmp_path / "stall"
+    summary = runner.main(["--dataset", "multimnist", "--methods", "fairgrad", "ls", "--seeds", "0", "--epochs", "2",
+                           "--threads", "1", "--progress", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM)])
+    stalled = json.loads((out / "runs" / "fairgrad__cost-none__seed0.json").read_text())
+    assert stalled["stopped"].startswith("FairGrad: 50 consecutive") and stalled["epochs_run"] == 1
+    assert all(math.isfinite(v) for v in stalled["test"].values())  # tested at its best validated epoch
+    assert (out / "runs" / "ls__cost-none__seed0.json").is_file()  # the grid went on
+    assert any("fairgrad cost=none seed 0 stopped" in n for n in summary["notes"])
+    assert "stopped before its last epoch" in (out / "table.md").read_text()
+
+
 def test_early_stopping_ends_runs_and_baselines_alike(tmp_path: Path) -> None:
     _need("multilabel/yeast.npz")
     out = tmp_path / "es"

@@ -146,6 +146,10 @@ def _notes(dataset: str, metrics: list[str], base: dict[str, float], rows: list[
             notes.append(f"{dataset}: ROC-AUC undefined in the {split} split (its labels there hold one class) for "
                          f"{', '.join(sorted(undefined[split]))}: reported as NaN"
                          + (", left out of Δm% and MR." if split == "test" else "; val/score averages the others."))
+    for r in runs:
+        if r.get("stopped"):
+            notes.append(f"{dataset}: {r['method']} cost={r['cost']} seed {r['seed']} stopped before its last epoch "
+                         f"({r['stopped'].split(';')[0]}); tested at its best validated epoch like every run.")
     nan_base = [k for k in metrics if not math.isfinite(base.get(k, float("nan")))] if any(
         math.isfinite(v) for v in base.values()) else []  # no baseline at all: Delta-m% is not computed
     nan_all = [k for k in metrics if rows and all(not math.isfinite(r[k]) for r in rows)]

@@ -29,6 +29,7 @@ from benchmarks.common import quiet
 from benchmarks.conflicts import RULES, ConflictCounter
 from benchmarks.runner.config import RunnerConfig
 from benchmarks.runner.variants import build_teleport, teleport_counts, teleport_records
+from lightning_cost import TrainingStalledError
 
 __all__ = ["ValidationCurve", "train_one", "weights_sha256"]
 
@@ -137,16 +138,20 @@ def train_one(dm: Any, cfg: RunnerConfig, *, seed: int, method: str = "ls", cost
         max_epochs=cfg.epochs, accelerator=cfg.accelerator, devices=1, logger=False, callbacks=callbacks,
         enable_progress_bar=_progress_bar(cfg), enable_model_summary=False, num_sanity_val_steps=0,
         limit_train_batches=cfg.limit_train_batches if cfg.limit_train_batches is not None else 1.0)
+    stopped = ""
     with quiet():
         t0 = time.perf_counter()
-        trainer.fit(module, datamodule=dm)
+        try:
+            trainer.fit(module, datamodule=dm)
+        except TrainingStalledError as err:  # diverged or stuck: kept, tested like any run, and noted
+            stopped = str(err)
         wall = time.perf_counter() - t0
         digest = weights_sha256(module)
         tested = trainer.test(module, datamodule=dm, ckpt_path=ckpt.best_model_path or None, verbose=False)[0]
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     result = _result(curve, counter, teleport, directions, tested)
-    result.update(wall_time_s=wall, weights_sha256=digest, skipped_steps=int(getattr(module, "mtl_skipped_steps", 0)),
+    result.update(wall_time_s=wall, weights_sha256=digest, stopped=stopped, skipped_steps=int(getattr(module, "mtl_skipped_steps", 0)),
                   undefined_auroc=dm.undefined_auroc_tasks() if hasattr(dm, "undefined_auroc_tasks") else {})
     return result
 
