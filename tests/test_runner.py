@@ -370,6 +370,25 @@ def test_own_file_by_format_titled_by_its_stem_and_keyed_by_its_content(tmp_path
 # --------------------------------------------------------------------------- statistics and reports
 
 
+@pytest.mark.parametrize("method", ["pcgrad", "rlw", "nashmtl", "graddrop"])
+def test_weights_digest_covers_an_aggregators_extra_state(method: str) -> None:
+    import copy
+
+    import torch
+    from mtl_models import TinyMTL
+
+    from benchmarks.runner.train import weights_sha256
+
+    if method == "nashmtl":
+        pytest.importorskip("cvxpy")
+    model = TinyMTL(k=2, method=method)
+    digest = weights_sha256(model)
+    assert weights_sha256(copy.deepcopy(model)) == digest
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert weights_sha256(model) != digest
+
+
 def test_t_interval_by_hand() -> None:
     from benchmarks.runner.stats import t_interval
 

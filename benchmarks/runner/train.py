@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from benchmarks.common import quiet
 from benchmarks.conflicts import RULES, ConflictCounter
@@ -79,11 +80,27 @@ def weights_sha256(module: L.LightningModule) -> str:
     """sha256 of every tensor of the module's ``state_dict`` (names, shapes, bytes): equal digests
     mean bit-identical weights and buffers."""
     h = hashlib.sha256()
-    for name, t in module.state_dict().items():
+    for name, value in module.state_dict().items():
         h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        _hash_value(h, value)
     return h.hexdigest()
+
+
+def _hash_value(h: Any, value: Any) -> None:
+    """Tensors by shape and bytes; the extra state of a module (an aggregator's generator state, say:
+    dicts, lists, numbers) by its tensors and the ``repr`` of the rest."""
+    if torch.is_tensor(value):
+        h.update(str(tuple(value.shape)).encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    elif isinstance(value, dict):
+        for k in sorted(value, key=str):
+            h.update(str(k).encode())
+            _hash_value(h, value[k])
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            _hash_value(h, v)
+    else:
+        h.update(repr(value).encode())
 
 
 def _module(dm: Any, cfg: RunnerConfig, method: str, task: str | None) -> tuple[L.LightningModule, dict[str, bool]]:
