@@ -316,6 +316,27 @@ def test_teleport_switches_dropout_off_so_the_losses_are_one_function_of_the_wei
     assert model.training
 
 
+def test_the_measurement_after_a_move_runs_with_dropout_off_too(monkeypatch):
+    from lightning_cost.teleport import TaskLossEvaluator
+
+    L.seed_everything(0)
+    model = TinyMTL(k=3)
+    model.trunk.append(torch.nn.Dropout(0.5))
+    tele = cost(inner_steps=2, loss_tolerance=10.0)
+    seen = []  # the dropout layer's mode at every Jacobian a teleport evaluates
+    original = TaskLossEvaluator.jacobian
+
+    def spy(self, *args, **kwargs):
+        seen.append(model.trunk[-1].training)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TaskLossEvaluator, "jacobian", spy)
+    fit(model, [Force(tele, steps=(2, 4)), tele], steps=6)
+    assert [r.moved for r in tele.history] == [True, True] and all(r.after is not None for r in tele.history)
+    assert len(seen) == 4 and not any(seen)  # before and after each move
+    assert model.trunk[-1].training
+
+
 def test_the_trigger_reuses_the_aggregators_jacobian():
     """Lever (c): with a gradient aggregator, COST's trigger costs no extra per-task backward pass.
 

@@ -189,12 +189,14 @@ class SymmetryTeleportCallback(L.Callback):
         evaluator = TaskLossEvaluator.for_trainer(trainer, pl_module, self._batch_idx)
         batches = self._teleport_data(trainer)
         g_prev = record.direction if record.direction is not None else _flat_grad(params)
-        snapshot = Snapshot(pl_module, params, optimizer)
         rec = TeleportRecord(step=int(trainer.global_step), epoch=int(trainer.current_epoch),
                              teleporter=self.teleporter.name, forced=forced,
                              trigger_conflicts=result.num_conflicting, transfer=self.transfer.policy)
-        try:
-            with evaluator.dropout_off() as had_dropout:
+        with evaluator.dropout_off() as had_dropout:
+            # the snapshot is taken with dropout off, so restoring its modes (the teleporter does, before
+            # the measurement after the move) keeps dropout off until the whole teleport is done
+            snapshot = Snapshot(pl_module, params, optimizer)
+            try:
                 reuse = len(batches) == 1 and not had_dropout and record.jacobian is not None
                 with keep_buffers(pl_module):
                     target, jacobian = (record.losses.float(), record.jacobian) if reuse else \
@@ -205,9 +207,9 @@ class SymmetryTeleportCallback(L.Callback):
                 move = self.teleporter.teleport(problem, rec)
                 if move is not None and rec.moved:
                     self._after_move(rec, problem, snapshot, move, optimizer, g_prev)
-        except BaseException:
-            snapshot.restore_all()
-            raise
+            except BaseException:
+                snapshot.restore_all()
+                raise
         self.records.add(rec, trainer)
         if not rec.accepted:
             rank_zero_warn(f"lightning_cost: teleport rejected and rolled back ({rec.reason})")
