@@ -125,13 +125,13 @@ class NashMTL(GramianAggregator):
         self._step = 0
 
     def _problem(self, k: int) -> _CCPProblem:
-        import cvxpy as cp  # present: the constructor checked
+        if k not in self._problems:  # the solver check scans cvxpy's solvers: once per problem, not per step
+            import cvxpy as cp  # present: the constructor checked
 
-        if self.solver not in cp.installed_solvers():
-            raise AggregationError(
-                f"Nash-MTL: cvxpy solver {self.solver!r} is not installed (installed: {cp.installed_solvers()})"
-            )
-        if k not in self._problems:
+            if self.solver not in cp.installed_solvers():
+                raise AggregationError(
+                    f"Nash-MTL: cvxpy solver {self.solver!r} is not installed (installed: {cp.installed_solvers()})"
+                )
             self._problems[k] = _CCPProblem(k)
         return self._problems[k]
 
