@@ -34,7 +34,7 @@ from lightning_cost.representation import stack_representation_gradients
 from lightning_cost.update import (
     aggregate_nonzero_rows,
     combine,
-    jacobian_is_finite,
+    jacobian_finiteness,
     linear_surrogate,
     row_statistic,
 )
@@ -147,8 +147,9 @@ class MultiTaskStep:
         global_losses = all_reduce_mean(losses.detach())
         row_stat, gramian = row_statistic(jacobian, self.mtl_method)
         record = StepRecord(losses=global_losses, jacobian=jacobian, gramian=gramian, representation_jacobian=rep_jac)
-        record.finite = jacobian_is_finite(jacobian, row_stat) and bool(torch.isfinite(global_losses).all())
-        update = self._mtl_direction(record, row_stat)
+        finite, overflowed = jacobian_finiteness(jacobian, row_stat)
+        record.finite = finite and bool(torch.isfinite(global_losses).all())
+        update = self._mtl_direction(record, row_stat, overflowed)
         if update is None:  # skipped: zero gradients for every parameter
             return linear_surrogate(shared, torch.zeros_like(jacobian[0]), others, None)
         direction, coeffs = update
@@ -163,9 +164,10 @@ class MultiTaskStep:
             display = aux.detach()
         return surrogate + (display - surrogate).detach()
 
-    def _mtl_direction(self, record: StepRecord, row_stat: Tensor) -> tuple[Tensor, Tensor] | None:
+    def _mtl_direction(self, record: StepRecord, row_stat: Tensor, overflowed: bool
+                       ) -> tuple[Tensor, Tensor] | None:
         """The shared direction and the per-task coefficients of the other parameters' gradients,
-        or ``None`` for a skipped step."""
+        or ``None`` for a skipped step (``overflowed``: a finite ``J`` whose Gramian is not)."""
         jacobian, method = record.jacobian, self.mtl_method
         assert jacobian is not None
         k = jacobian.shape[0]
@@ -175,8 +177,7 @@ class MultiTaskStep:
                 return None
             # Hand the non-finite sum to the GradScaler: it skips the step and lowers its scale.
             return jacobian.sum(0), torch.ones(k, device=jacobian.device)
-        if record.gramian is not None and not bool(torch.isfinite(record.gramian).all()):
-            # a finite J whose squares overflow: the run has diverged; a clear skip, not a solver crash
+        if overflowed:  # the run has diverged: a clear skip, not a solver crash
             self._mtl_skip(record, "task gradients so large that their Gramian overflows (diverged training)")
             return None
         if isinstance(method, LossWeighting):

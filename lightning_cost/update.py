@@ -20,7 +20,7 @@ from torch import Tensor
 from lightning_cost.aggregators import Aggregator, GramianAggregator
 from lightning_cost.aggregators import gramian as compute_gramian
 
-__all__ = ["aggregate_nonzero_rows", "combine", "jacobian_is_finite", "linear_surrogate", "row_statistic"]
+__all__ = ["aggregate_nonzero_rows", "combine", "jacobian_finiteness", "linear_surrogate", "row_statistic"]
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,18 @@ def row_statistic(jacobian: Tensor, method: object) -> tuple[Tensor, Tensor | No
     return torch.maximum(jacobian.amax(dim=1), jacobian.amin(dim=1).neg()), None
 
 
-def jacobian_is_finite(jacobian: Tensor, row_stat: Tensor) -> bool:
-    """``J`` is finite iff its per-row statistic (``||g_i||^2`` or ``max_k |g_ik|``) is, except
-    where a finite row's squares overflowed.
+def jacobian_finiteness(jacobian: Tensor, row_stat: Tensor) -> tuple[bool, bool]:
+    """``(J is finite, its squares overflowed)`` from the per-row statistic (``||g_i||^2`` or
+    ``max_k |g_ik|``).
 
     A NaN or infinity in row ``i`` makes either statistic NaN or infinite, so a finite one proves a
-    finite ``J``; only a non-finite one (rare) costs a pass over ``J``.
+    finite ``J``; only a non-finite one (rare) costs a pass over ``J``. A finite ``J`` with a
+    non-finite ``||g_i||^2`` has gradients too large for their Gramian (diverged training).
     """
-    return bool(torch.isfinite(row_stat).all()) or bool(torch.isfinite(jacobian).all())
+    if bool(torch.isfinite(row_stat).all()):
+        return True, False
+    finite = bool(torch.isfinite(jacobian).all())
+    return finite, finite
 
 
 def aggregate_nonzero_rows(method: Aggregator, jacobian: Tensor, row_stat: Tensor, gramian: Tensor | None = None,
