@@ -221,8 +221,9 @@ class SymmetryTeleportCallback(L.Callback):
         rec.displacement_norm = float(displacement.norm())
         rec.displacement_rel = rec.displacement_norm / max(snapshot.weight_norm(), 1e-30)
         if self.measure:
-            after = move.jacobian_after
-            if after is None:
+            if move.factors is not None:  # an exact symmetry: the new gradients are g / t, no backward
+                after = problem.jacobian / torch.cat([t.reshape(-1) for t in move.factors]).to(problem.jacobian.dtype)
+            else:
                 with keep_buffers(problem.module):
                     _, after = problem.evaluator.jacobian(problem.batches, problem.params)
             rec.after = GradientStats.of(after, self.trigger)

@@ -175,13 +175,16 @@ class RescaleTeleporter(Teleporter):
         bound = math.log(cfg.max_scale)
         u = torch.zeros(symmetry.num_scales, device=problem.jacobian.device, requires_grad=True)
         opt = torch.optim.Adam([u], lr=cfg.lr)
-        start = float(scaled_objective(gram(u.detach() * 0), cfg.objective, cfg.temperature))
-        best, best_u = start, u.detach().clone()
+        start = best = math.nan
+        best_u = u.detach().clone()
         with torch.enable_grad():
-            for _ in range(cfg.steps):
+            for i in range(cfg.steps):
                 value = scaled_objective(gram(bound * torch.tanh(u)), cfg.objective, cfg.temperature)
-                if value.item() > best:
-                    best, best_u = value.item(), u.detach().clone()
+                v = value.item()
+                if i == 0:  # u = 0: the objective where the weights are now
+                    start = best = v
+                elif v > best:
+                    best, best_u = v, u.detach().clone()
                 opt.zero_grad()
                 (-value).backward()
                 opt.step()
@@ -190,9 +193,7 @@ class RescaleTeleporter(Teleporter):
             return Move(trace=trace)  # no better point: nothing moves
         log_scales = broadcast_(bound * torch.tanh(best_u))  # identical on every rank
         symmetry.apply_(log_scales)
-        factors = [t.detach() for t in symmetry.factors(log_scales)]
-        after = problem.jacobian / torch.cat([t.reshape(-1) for t in factors]).to(problem.jacobian.dtype)
-        return Move(factors=factors, jacobian_after=after, trace=trace)
+        return Move(factors=[t.detach() for t in symmetry.factors(log_scales)], trace=trace)
 
 
 def shared_module(module: nn.Module, params: list[nn.Parameter]) -> nn.Module:

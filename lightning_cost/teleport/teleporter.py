@@ -62,14 +62,12 @@ class Move:
 
     Attributes:
         factors: for an exact symmetry ``theta' = t * theta``, the factor ``t`` per parameter; the
-            gradients at the new point are ``g / t`` and optimizer state can be transported exactly.
-        jacobian_after: the ``[K, P]`` Jacobian at the new point when the move knows it without a
-            backward (``J / t`` for an exact symmetry).
+            gradients at the new point are ``g / t`` (no backward needed to measure them) and optimizer
+            state can be transported exactly.
         trace: per inner step, the objective's terms (for the record).
     """
 
     factors: list[Tensor] | None = None
-    jacobian_after: Tensor | None = None
     trace: list[dict[str, float]] = field(default_factory=list)
 
 
