@@ -21,7 +21,6 @@ import json
 import math
 import statistics
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.common import quiet, quiet_trainer
 from lightning_cost import MultiTaskMixin, SymmetryTeleportCallback
 from lightning_cost.teleport import (
     DROPOUT_LAYERS,
@@ -93,6 +93,7 @@ def _loader(ds: Any, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
 def build(name: str, data_root: str | None) -> tuple[L.LightningModule, torch.utils.data.DataLoader, int]:
     """``(module, training loader, steps to the mid-training checkpoint)``."""
     if name == "mlp3":
+        torch.manual_seed(0)  # its initialisation (the benchmark models seed theirs)
         return ReluMLP3(), _loader(conflicting_regression(), 64, 0), 200
     from benchmarks import make_datamodule, make_model
     from benchmarks.models import MultiTaskNet, make_heads
@@ -129,7 +130,8 @@ def checkpoint(name: str, out: Path, data_root: str | None) -> tuple[L.Lightning
         module.load_state_dict(torch.load(path, weights_only=True))
     else:
         L.seed_everything(0, verbose=False)
-        _trainer(max_steps=steps).fit(module, loader)
+        with quiet(everything=True):
+            quiet_trainer(max_steps=steps).fit(module, loader)
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(module.state_dict(), path)
     batches = []
@@ -138,15 +140,6 @@ def checkpoint(name: str, out: Path, data_root: str | None) -> tuple[L.Lightning
         if len(batches) == 32:
             break
     return module, batches
-
-
-def _trainer(**kw: Any) -> L.Trainer:
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                     limit_val_batches=0, **kw)
-
-
-# ----------------------------------------------------------------------------- the measurement
 
 
 def plain_stats(module: Any, batch: Any) -> dict[str, Any]:
@@ -187,14 +180,6 @@ class _Capture(L.Callback):
         self.weights = [p.detach().clone() for p in pl_module.shared_parameters()]
 
 
-class _Force(L.Callback):
-    def __init__(self, tele: SymmetryTeleportCallback) -> None:
-        self.tele = tele
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self.tele.request_teleport()
-
-
 def one_teleport(base: Any, work: Any, batch: Any, variant: str, teleporter: Teleporter, seed: int
                  ) -> dict[str, Any]:
     """Run one forced teleport of ``teleporter`` on ``batch`` from ``base``'s weights (loaded into ``work``,
@@ -202,13 +187,12 @@ def one_teleport(base: Any, work: Any, batch: Any, variant: str, teleporter: Tel
     measure it and its control."""
     module = work
     module.load_state_dict(base.state_dict())
-    tele = SymmetryTeleportCallback(teleporter=teleporter, schedule={"max_per_epoch": None}, seed=seed)
+    tele = SymmetryTeleportCallback(teleporter=teleporter, schedule={"max_per_epoch": None, "every": 1}, seed=seed)
     capture = _Capture()
     start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet(everything=True):
         loader = torch.utils.data.DataLoader([batch], batch_size=None)
-        _trainer(max_steps=1, callbacks=[_Force(tele), tele, capture]).fit(module, loader)
+        quiet_trainer([tele, capture], max_steps=1).fit(module, loader)
     seconds = time.perf_counter() - start
     rec = tele.history[0]
     out = {"variant": variant, "accepted": rec.accepted, "moved": rec.moved, "reason": rec.reason,
