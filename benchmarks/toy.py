@@ -305,7 +305,7 @@ class TrajectoryRecorder(L.Callback):
                              batch_idx: int) -> None:
         self._x_before = pl_module.x.detach().clone()
         tele = self._teleporter(trainer)
-        self._seen = len(teleport_records(tele)) if tele is not None else 0
+        self._seen = len(tele.history) if tele is not None else 0
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -313,9 +313,8 @@ class TrajectoryRecorder(L.Callback):
         x = pl_module.x.detach()
         tele = self._teleporter(trainer)
         jumped = False
-        history = teleport_records(tele) if tele is not None else []
-        if len(history) > self._seen:
-            for rec in history[self._seen:]:
+        if tele is not None and len(tele.history) > self._seen:  # only the new records are converted
+            for rec in teleport_records(tele, start=self._seen):
                 event = {k: rec[k] for k in ("step", "accepted", "moved", "reason", "losses_before", "losses_after",
                                              "sigma") if k in rec}
                 for when in ("before", "after"):  # the trigger's conflict count on the teleport's batch

@@ -79,4 +79,4 @@ class MultiTaskModule(Protocol):
 
     # Optional (not part of the runtime check): ``request_representation_jacobian(enabled=True)``
     # asks the core to fill ``mtl_step.representation_jacobian``. The teleport callback needs it
-    # only with ``trigger_on="representation"``; :class:`~lightning_cost.MultiTaskMixin` has it.
+    # only with ``trigger={"on": "representation"}``; :class:`~lightning_cost.MultiTaskMixin` has it.

@@ -21,14 +21,11 @@ Sections (``--sections``, default ``budget``):
   median over repeats and seeds, and, less noisy, FairGrad's median time plus the run's own
   measured teleport seconds over FairGrad's. Delta-m% comes from the first repeat (training is
   deterministic per seed).
-* ``levers``: COST's speed levers, each measured in this process with interleaved
-  repetitions: (a) the n~ perturbed forwards of eq. 9 as a loop vs one ``vmap`` pass (and the largest
-  difference in ``L_g``), plus the adapter's merged-weight evaluation vs PEFT's LoRA branch;
-  (b) inner steps x inner learning rate: seconds per teleport, loss drift, displacement, gradient-norm
-  ratio, ``L_t``/``L_g`` over the inner loop; (c) the step time of FairGrad + COST's trigger vs
-  FairGrad (both use the one Jacobian); (d) the step time of LS with the exact trigger and with the
-  representation trigger, on MultiMNIST and Yeast.
-* ``agreement``: how often the representation trigger (``trigger_on="representation"``, both
+* ``levers``: COST's speed levers: (2a) inner steps x inner learning rate: seconds per teleport,
+  loss drift, displacement, gradient-norm ratio, ``L_t``/``L_g`` over the inner loop; (2b) the step
+  time of FairGrad + COST's trigger vs FairGrad (both use the one Jacobian), and of LS with the exact
+  trigger and with the representation trigger, on MultiMNIST and Yeast.
+* ``agreement``: how often the representation trigger (``trigger={"on": "representation"}``, both
   reductions) agrees with the exact one, step by step, on MultiMNIST (FairGrad, the budget's settings),
   Yeast (FairGrad, K = 14) and a synthetic regression problem where conflicts are frequent (LS, K = 4).
 
@@ -78,10 +75,10 @@ def make_config(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(quick=True, data_kw={"num_train": 640, "num_val": 128, "num_test": 256, "batch_size": 64},
                     epochs=1, budgets=[0, 1], inner_steps=["2"],
-                    lever_reps=2, lever_grid=[(2, None), (1, 5e-3)], step_reps=1,
+                    lever_grid=[(2, None), (1, 5e-3)], step_reps=1,
                     step_batches=2, yeast_epochs=1, agree_mm_batches=4, agree_synth_steps=8)
     return dict(quick=False, data_kw=None, epochs=None, budgets=[0, 1, 2, 4, 8], inner_steps=["10", "3@3e-3", "1@1e-2", "1@1e-2:nohtr"],
-                lever_reps=7, lever_grid=[(10, None), (5, 2e-3), (3, 3e-3), (3, None), (2, 5e-3), (1, 1e-2), (1, None)],
+                lever_grid=[(10, None), (5, 2e-3), (3, 3e-3), (3, None), (2, 5e-3), (1, 1e-2), (1, None)],
                 lever_epoch_frac=1.0, step_reps=3, step_batches=15, yeast_epochs=5, agree_mm_batches=None,
                 agree_synth_steps=150)
 

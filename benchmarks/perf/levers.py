@@ -5,7 +5,6 @@ the trigger (exact or on the representation) against the step without it, interl
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,23 +34,6 @@ def summarize_history(history: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
-def _interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, float]:
-    """Median ms of each function, the functions run in a shuffled order in every repetition."""
-    for f in fns.values():
-        for _ in range(warmup):
-            f()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    rng = random.Random(0)
-    for _ in range(reps):
-        keys = list(fns)
-        rng.shuffle(keys)
-        for k in keys:
-            t = time.perf_counter()
-            fns[k]()
-            times[k].append(1e3 * (time.perf_counter() - t))
-    return {k: _median(v) for k, v in times.items()}
-
-
 def module_and_data(dataset: str, method: str, data_kw: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """A set-up DataModule and a fresh benchmark module training ``method`` on it (FairGrad: alpha 2)."""
     from benchmarks.models.modules import MTLBenchModule
@@ -64,7 +46,7 @@ def module_and_data(dataset: str, method: str, data_kw: dict[str, Any] | None = 
 
 
 def lever_inner_steps(sizes: dict[str, Any], cfg: RunnerConfig, log: Callable[[str], None]) -> list[dict]:
-    """(b) fewer inner steps, larger inner lr: what a teleport costs and what it does."""
+    """(2a) fewer inner steps, larger inner lr: what a teleport costs and what it does."""
     rows = []
     for steps, lr in sizes["lever_grid"]:
         log(f"  inner steps {steps}, inner lr {lr or 'outer (1e-3)'} ...")
@@ -95,7 +77,7 @@ def lever_inner_steps(sizes: dict[str, Any], cfg: RunnerConfig, log: Callable[[s
 
 
 def lever_step_costs(sizes: dict[str, Any], cfg: RunnerConfig) -> dict[str, Any]:
-    """(c) FairGrad's step with vs without COST's trigger; (d) LS with the exact or the representation trigger.
+    """(2b) FairGrad's step with vs without COST's trigger; LS with the exact or the representation trigger.
 
     Paired design: one run per variant with ``check_every=2``, so the trigger (and, for LS, the Jacobian
     or the representation gradients it needs) runs on the even steps only; the ratio is the median

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.conflicts import RULES
+from benchmarks.runner.stats import EFFECT_KEYS
 
 __all__ = ["row_label", "summary_columns", "metric_columns", "wrap_columns", "print_tables", "write_reports"]
 
@@ -138,7 +139,7 @@ def write_reports(summary: dict[str, Any], out: Path, console: Any = None) -> No
     metrics = summary["metrics"]
     _write_csv(out / "runs.csv", ["dataset", "method", "cost", "seed", *metrics, "delta_m", "best_epoch", "epochs_run",
                                   "wall_time_s", "teleports", *(f"trigger_ratio_{r}" for r in RULES),
-                                  "grad_norm_ratio", "min_cos_change", "loss_drift"], summary["rows"])
+                                  *EFFECT_KEYS], summary["rows"])
     _write_csv(out / "baselines.csv", ["dataset", "task", "seed", *metrics, "best_epoch", "epochs_run", "wall_time_s"],
                summary["baseline_rows"])
     (out / "table.md").write_text(_markdown(summary))

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import finite_mean
+from benchmarks.common import finite_mean, finite_median
 from benchmarks.conflicts import RULES
 
 __all__ = ["t_interval", "mean_std", "run_delta_m", "paired_difference", "teleport_effect", "summarize"]
@@ -75,16 +75,11 @@ def teleport_effect(history: list[dict[str, Any]]) -> dict[str, float]:
     before/after statistics): ``||g_0'|| / ||g_0||``, the change of the smallest ``cos(g_i, g_0)``
     and the largest relative task-loss drift; NaN where nothing moved."""
     moved = [h for h in history if h.get("accepted") and h.get("moved") and h.get("before") and h.get("after")]
-
-    def median(xs: list[float]) -> float:
-        xs = [x for x in xs if x is not None and math.isfinite(x)]
-        return float(np.median(xs)) if xs else float("nan")
-
     return {
-        "grad_norm_ratio": median([h["after"]["mean_norm"] / h["before"]["mean_norm"] for h in moved
-                                   if h["before"]["mean_norm"] > 0]),
-        "min_cos_change": median([h["after"]["min_cos"] - h["before"]["min_cos"] for h in moved]),
-        "loss_drift": median([h.get("loss_drift", float("nan")) for h in moved]),
+        "grad_norm_ratio": finite_median([h["after"]["mean_norm"] / h["before"]["mean_norm"] for h in moved
+                                          if h["before"]["mean_norm"] > 0]),
+        "min_cos_change": finite_median([h["after"]["min_cos"] - h["before"]["min_cos"] for h in moved]),
+        "loss_drift": finite_median([h.get("loss_drift", float("nan")) for h in moved]),
     }
 
 

@@ -99,10 +99,11 @@ def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
     return SymmetryTeleportCallback(**{**spec, "seed": seed})
 
 
-def teleport_records(callback: Any) -> list[dict[str, Any]]:
-    """The callback's teleport history as plain dicts (``TeleportRecord`` dataclasses, nested ``before`` /
-    ``after`` gradient statistics included); a control keeps none."""
-    return [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r) for r in getattr(callback, "history", [])]
+def teleport_records(callback: Any, start: int = 0) -> list[dict[str, Any]]:
+    """The callback's teleport history from record ``start`` on as plain dicts (``TeleportRecord``
+    dataclasses, nested ``before`` / ``after`` gradient statistics included); a control keeps none."""
+    return [dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+            for r in getattr(callback, "history", [])[start:]]
 
 
 def teleport_counts(callback: Any) -> tuple[int, int]:
