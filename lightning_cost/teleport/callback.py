@@ -158,18 +158,21 @@ class SymmetryTeleportCallback(L.Callback):
         return self.schedule.checks(step) or self._forced or self._requested
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        checks = self._checks(trainer.global_step)
+        if not checks and self.transfer.pending_sigma is None:
+            return  # nothing due at this step (and nothing per parameter is read)
         record: StepRecord | None = getattr(pl_module, "mtl_step", None)
         params = _teleported(pl_module)
         if record is None or not record.finite or record.skipped or not _finite_grads(params):
             return  # this step will not be taken: a pending transfer waits for the next one
-        if self._checks(trainer.global_step):
+        if checks:
             result = self.trigger.check(record)
             if result is not None:
                 self.records.count_check(result.fire)
                 forced = self._forced or self._requested
                 if ((result.fire and self.schedule.on_trigger) or forced) and self._allowed(trainer):
                     self._requested = False
-                    if self._teleport(trainer, pl_module, optimizer, record, result, forced):
+                    if self._teleport(trainer, pl_module, optimizer, params, record, result, forced):
                         for group in optimizer.param_groups:
                             for p in group["params"]:
                                 p.grad = None  # the teleporting batch takes no step
@@ -182,13 +185,14 @@ class SymmetryTeleportCallback(L.Callback):
                                     last_step=self.records.last_step)
 
     # ------------------------------------------------------------------ the teleport
-    def _teleport(self, trainer: L.Trainer, pl_module: Any, optimizer: Any, record: StepRecord,
-                  result: TriggerResult, forced: bool) -> bool:
+    def _teleport(self, trainer: L.Trainer, pl_module: Any, optimizer: Any, params: list[nn.Parameter],
+                  record: StepRecord, result: TriggerResult, forced: bool) -> bool:
         """One attempt; True when the weights moved (the step is then dropped)."""
-        params = _teleported(pl_module)
         evaluator = TaskLossEvaluator.for_trainer(trainer, pl_module, self._batch_idx)
         batches = self._teleport_data(trainer)
-        g_prev = record.direction if record.direction is not None else _flat_grad(params)
+        g_prev = None  # eq. 12's g': only HTR reads it
+        if self.transfer.policy == "htr":
+            g_prev = record.direction if record.direction is not None else _flat_grad(params)
         rec = TeleportRecord(step=int(trainer.global_step), epoch=int(trainer.current_epoch),
                              teleporter=self.teleporter.name, forced=forced,
                              trigger_conflicts=result.num_conflicting, transfer=self.transfer.policy)

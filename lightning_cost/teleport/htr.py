@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 __all__ = ["apply_htr", "htr_sigma"]
@@ -48,9 +48,8 @@ def apply_htr(
             if buf is not None:
                 buf.mul_(s)
         return "sgd"
-    warnings.warn(
-        f"HTR supports Adam, AdamW and SGD; {type(optimizer).__name__}'s state is left unchanged after the teleport",
-        stacklevel=2,
+    rank_zero_warn(
+        f"HTR supports Adam, AdamW and SGD; {type(optimizer).__name__}'s state is left unchanged after the teleport"
     )
     return "none"
 

@@ -140,7 +140,7 @@ class LoRATeleporter(Teleporter):
         cfg = self.config
         adapter = TeleportAdapter(problem.module, problem.params, cfg.rank, cfg.alpha, cfg.use_lora)
         ratios = balance_ratios(problem.jacobian.norm(dim=1).float(), cfg.ratio).to(problem.target.device)
-        radius = cfg.radius * _norm(problem.params) if cfg.relative_radius else cfg.radius
+        radius = cfg.radius * problem.snapshot.weight_norm() if cfg.relative_radius else cfg.radius
         adapter.inject(problem.generator)
         trace: list[dict[str, float]] = []
         try:
@@ -223,10 +223,6 @@ class LoRATeleporter(Teleporter):
         if self.config.sharpness == "difference":
             return sharpness(perturbed - unperturbed, ratios)
         return sharpness(perturbed, ratios)
-
-
-def _norm(params: list[torch.nn.Parameter]) -> float:
-    return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in params)))
 
 
 def _step(inner: torch.optim.Optimizer, objective: Tensor, params: list[Tensor]) -> None:

@@ -95,7 +95,6 @@ class Teleporter(ABC):
         """Move, verify, and accept or roll back; fills ``record``'s outcome. Returns the move if kept."""
         start = time.perf_counter()
         snapshot = problem.snapshot
-        record.teleporter = self.name
         record.losses_before = problem.target.tolist()
         try:
             move = self.move(problem)

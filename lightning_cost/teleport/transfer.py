@@ -19,6 +19,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_cost.teleport._checks import check_bool, check_choice
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 
 __all__ = ["TRANSFERS", "StateTransfer"]
@@ -39,10 +40,8 @@ class StateTransfer:
     """
 
     def __init__(self, policy: str = "htr", bias_corrected: bool = True) -> None:
-        if policy not in TRANSFERS:
-            raise ValueError(f"transfer must be one of {TRANSFERS}, got {policy!r}")
-        if not isinstance(bias_corrected, bool):
-            raise TypeError(f"bias_corrected must be True or False, got {bias_corrected!r}")
+        check_choice("transfer", policy, TRANSFERS)
+        check_bool("bias_corrected", bias_corrected)
         self.policy, self.bias_corrected = policy, bias_corrected
         self.pending_sigma: float | None = None
 
@@ -67,11 +66,7 @@ class StateTransfer:
         """Called before every optimizer step that is taken: applies a pending ``htr``."""
         if self.pending_sigma is None:
             return
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD)):
-            apply_htr(optimizer, params, self.pending_sigma, bias_corrected=self.bias_corrected)
-        else:
-            rank_zero_warn(f"HTR supports Adam, AdamW and SGD; {type(optimizer).__name__}'s state is left unchanged "
-                           "after the teleport")
+        apply_htr(optimizer, params, self.pending_sigma, bias_corrected=self.bias_corrected)  # warns otherwise
         self.pending_sigma = None
 
 
