@@ -54,17 +54,20 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from lightning_cost.aggregators import (
     Aggregator,
+    GramianAggregator,
     LossWeighting,
     aggregator_class,
     build_aggregator,
 )
+from lightning_cost.gramian_engine import GramianConfig, GramianEngine
 from lightning_cost.jacobian import JacobianEngine, JacobianMode
 from lightning_cost.protocol import StepRecord
 from lightning_cost.representation import RepresentationGradients
@@ -119,6 +122,8 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         method: str | Aggregator | LossWeighting = "ls",
         *,
         jacobian_mode: JacobianMode = "auto",
+        engine: Literal["auto", "gramian", "jacobian"] = "auto",
+        gramian: GramianConfig | Mapping[str, Any] | None = None,
         max_skipped_steps: int | None = None,
         **hparams: Any,
     ) -> None:
@@ -136,6 +141,15 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
                 tasks), at the price of K x the backward's intermediate memory. ``"auto"``
                 (default): batched, falling back to the loop for the rest of training if an op
                 has no batching rule.
+            engine: where the per-task gradients of a Gramian method (MGDA, CAGrad, IMTL-G, Nash-MTL,
+                PCGrad, FairGrad) come from. ``"gramian"``: the
+                :class:`~lightning_cost.gramian_engine.GramianEngine` (``G = J J^T`` and ``J^T w``
+                per layer, ``J`` never formed, ``mtl_step.jacobian`` is ``None``); ``"jacobian"``:
+                the Jacobian engine (``J`` formed). ``"auto"`` (default): the Gramian engine for
+                Gramian methods, the Jacobian engine for the rest. Under DDP the exact Jacobian path
+                is always used (the global Gramian needs cross-rank terms).
+            gramian: the Gramian engine's settings (:class:`~lightning_cost.gramian_engine.GramianConfig`
+                or its fields as a mapping).
             max_skipped_steps: a run of this many consecutive skipped steps (non-finite values,
                 failed solves) raises :class:`TrainingStalledError` instead of training on with
                 no updates. ``None`` (default): the larger of 50 and 10 % of an epoch's training
@@ -151,10 +165,21 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             raise ValueError(f"task names must be unique, got {tasks}")
         if max_skipped_steps is not None and (not isinstance(max_skipped_steps, int) or max_skipped_steps < 0):
             raise ValueError(f"max_skipped_steps must be None or an int >= 0, got {max_skipped_steps!r}")
+        if engine not in ("auto", "gramian", "jacobian"):
+            raise ValueError(f"engine must be 'auto', 'gramian' or 'jacobian', got {engine!r}")
+        config = GramianConfig(**gramian) if isinstance(gramian, Mapping) else gramian
+        if config is not None and not isinstance(config, GramianConfig):
+            raise TypeError(f"gramian must be a GramianConfig or a mapping of its fields, got {type(gramian).__name__}")
         self.mtl_jacobian_engine = JacobianEngine(jacobian_mode)
+        self.mtl_gramian_engine = GramianEngine(config, jacobian=self.mtl_jacobian_engine)
+        self._mtl_engine = engine
+        self._mtl_gram_captured = False
         self._mtl_shared_names: list[str] = self._mtl_shared_parameter_names(shared)
         self.task_names: list[str] = tasks
         self.mtl_method = self._mtl_build_method(method, len(tasks), hparams)  # a submodule: checkpointed
+        if engine == "gramian" and not isinstance(self.mtl_method, GramianAggregator):
+            raise ValueError(f"engine='gramian' needs a Gramian method (d = J^T w(G)); {type(self.mtl_method).__name__} "
+                             "reads the Jacobian itself or weights the losses: use engine='auto' or 'jacobian'")
         self.mtl_step: StepRecord | None = None
         self.mtl_skipped_steps = 0
         self._mtl_max_skipped = max_skipped_steps
@@ -268,8 +293,12 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             )
         self._mtl_inside_step = True
         self._mtl_start_capture()
+        self._mtl_gram_captured = use_gram = self.needs_jacobian and self.mtl_uses_gramian_engine
+        capture = self.mtl_gramian_engine.capture(self, self.shared_parameters(), len(self.task_names)) \
+            if use_gram else nullcontext()
         try:
-            losses = self._mtl_stack(user_step(self, *args, **kwargs))
+            with capture:
+                losses = self._mtl_stack(user_step(self, *args, **kwargs))
         finally:
             self._mtl_inside_step = False
             reps = self._mtl_end_capture()

@@ -26,8 +26,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.aggregators import AggregationError, LossWeighting
-from lightning_cost.distributed import all_reduce_mean, warn_rank_zero
+from lightning_cost.aggregators import AggregationError, GramianAggregator, LossWeighting
+from lightning_cost.aggregators import gramian as compute_gramian
+from lightning_cost.distributed import all_reduce_mean, is_distributed, warn_rank_zero
+from lightning_cost.gramian_engine import GramianStep
 from lightning_cost.jacobian import JacobianEngine
 from lightning_cost.protocol import StepRecord
 from lightning_cost.representation import stack_representation_gradients
@@ -128,22 +130,37 @@ class MultiTaskStep:
         return shared_trainable, others
 
     def _mtl_per_task_gradients(self, losses: Tensor, shared: Sequence[Tensor], others: Sequence[Tensor],
-                                reps: Sequence[Tensor], scale: float) -> tuple[Tensor, list, Tensor | None]:
+                                reps: Sequence[Tensor], scale: float, retain: bool = False
+                                ) -> tuple[Tensor, list, Tensor | None]:
         """``J`` (unscaled, global), the others' ``[K, *shape]`` gradients and the representation
         rows, all from one call of the engine (the representation needs no extra pass)."""
         n_shared, n_others, k = len(shared), len(others), losses.shape[0]
         scaled = losses * scale if scale != 1.0 else losses
-        grads = self.mtl_jacobian_engine.vjps(scaled, [*shared, *others, *reps])
+        grads = self.mtl_jacobian_engine.vjps(scaled, [*shared, *others, *reps], retain)
         jacobian = JacobianEngine.assemble(grads[:n_shared], shared, k, scale=scale)
         other_grads = grads[n_shared : n_shared + n_others]
         rep_jac = stack_representation_gradients(grads[n_shared + n_others :], reps, k, scale) if reps else None
         del grads  # the per-parameter blocks of J are copied into it: free them before the aggregation
         return jacobian, other_grads, rep_jac
 
+    @property
+    def mtl_uses_gramian_engine(self) -> bool:
+        """Whether the next Jacobian step runs on the Gramian engine (``engine="auto"``: for Gramian
+        aggregators; never under DDP, whose global Gramian needs the cross-rank terms)."""
+        engine = self.mtl_gramian_engine
+        if self._mtl_engine == "jacobian" or engine.disabled_reason is not None or is_distributed():
+            return False
+        return self._mtl_engine == "gramian" or isinstance(self.mtl_method, GramianAggregator)
+
     def _mtl_jacobian_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
+        if self._mtl_gram_captured:
+            return self._mtl_gramian_step(losses, reps)
+        return self._mtl_exact_step(losses, reps)
+
+    def _mtl_exact_step(self, losses: Tensor, reps: Sequence[Tensor] = (), retain: bool = False) -> Tensor | None:
         shared, others = self._mtl_trainable_split()
         scale = self._mtl_loss_scale()
-        jacobian, other_grads, rep_jac = self._mtl_per_task_gradients(losses, shared, others, reps, scale)
+        jacobian, other_grads, rep_jac = self._mtl_per_task_gradients(losses, shared, others, reps, scale, retain)
         global_losses = all_reduce_mean(losses.detach())
         row_stat, gramian = row_statistic(jacobian, self.mtl_method)
         record = StepRecord(losses=global_losses, jacobian=jacobian, gramian=gramian, representation_jacobian=rep_jac)
@@ -197,3 +214,69 @@ class MultiTaskStep:
         """The method's direction for ``J``, tasks with a zero shared gradient left out
         (:func:`~lightning_cost.update.aggregate_nonzero_rows`)."""
         return aggregate_nonzero_rows(self.mtl_method, jacobian, row_stat, gramian, self.task_names)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ the Gramian engine
+    def _mtl_gramian_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
+        """The step on the Gramian engine: ``G`` and ``J^T w`` without ``J`` (the first step is
+        checked against the Jacobian engine, see :class:`~lightning_cost.GramianConfig`)."""
+        engine = self.mtl_gramian_engine
+        engine.jacobian = self.mtl_jacobian_engine
+        shared, others = self._mtl_trainable_split()
+        scale = self._mtl_loss_scale()
+        if not engine.verified:
+            reference = compute_gramian(self.mtl_jacobian_engine.jacobian(losses, shared, scale=scale, retain=True))
+            result = engine.compute(losses, shared, others, reps, scale=scale, retain=True)
+            if not engine.check(result.gramian, reference.float()):
+                warn_rank_zero(log, "lightning_cost: %s", engine.disabled_reason)
+                return self._mtl_exact_step(losses, reps)
+        else:
+            result = engine.compute(losses, shared, others, reps, scale=scale)
+        return self._mtl_gramian_update(losses, reps, result, shared, others)
+
+    def _mtl_gramian_update(self, losses: Tensor, reps: Sequence[Tensor], result: GramianStep,
+                            shared: Sequence[Tensor], others: Sequence[Tensor]) -> Tensor:
+        k, gram, scale = losses.shape[0], result.gramian, result.scale
+        rep_jac = stack_representation_gradients(result.rep_grads, reps, k, scale) if reps else None
+        record = StepRecord(losses=all_reduce_mean(losses.detach()), gramian=gram, representation_jacobian=rep_jac)
+        row_stat = gram.diagonal()
+        finite_g = bool(torch.isfinite(row_stat).all())
+        finite_parts = finite_g or result.finite_parts()
+        record.finite = finite_parts and bool(torch.isfinite(record.losses).all())
+        weights = self._mtl_gram_weights(record, row_stat, overflowed=finite_parts and not finite_g)
+        if weights is None:  # skipped: zero gradients for every parameter
+            return linear_surrogate(shared, torch.zeros(sum(p.numel() for p in shared), device=gram.device),
+                                    others, None)
+        record.direction = result.combine(weights)
+        self.mtl_step = record
+        ones = torch.ones(k, device=gram.device)
+        surrogate = linear_surrogate(shared, record.direction, others,
+                                     [combine(g, ones, scale) for g in result.other_grads])
+        display = losses.detach().sum()
+        return surrogate + (display - surrogate).detach()
+
+    def _mtl_gram_weights(self, record: StepRecord, row_stat: Tensor, overflowed: bool) -> Tensor | None:
+        """The task weights ``w`` of ``d = J^T w`` from the Gramian, or ``None`` for a skipped step;
+        tasks with a zero shared gradient are left out (weight 0), as in the Jacobian step."""
+        method, gram = self.mtl_method, record.gramian
+        assert gram is not None
+        k = gram.shape[0]
+        if not record.finite:
+            if self._mtl_scaler() is None:
+                self._mtl_skip(record, "non-finite task losses or gradients")
+                return None
+            return torch.ones(k, device=gram.device)  # the non-finite sum goes to the GradScaler
+        if overflowed:
+            self._mtl_skip(record, "task gradients so large that their Gramian overflows (diverged training)")
+            return None
+        keep = (row_stat > 0).nonzero().flatten()
+        w = torch.zeros(k, device=gram.device)
+        if keep.numel() == 1:
+            w[keep] = 1.0
+        elif keep.numel() > 1:
+            sub = gram if keep.numel() == k else gram.index_select(0, keep).index_select(1, keep)
+            try:
+                w[keep] = method.weights(sub).float()  # type: ignore[union-attr]
+            except AggregationError as err:
+                self._mtl_skip(record, f"{type(method).__name__} failed: {err}")
+                return None
+        return w

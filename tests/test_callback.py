@@ -366,7 +366,7 @@ def test_the_trigger_reuses_the_aggregators_jacobian():
     calls = {}
     for with_cost in (False, True):
         L.seed_everything(0)
-        model = TinyMTL(k=3, method=SpyAgg())
+        model = TinyMTL(k=3, method=SpyAgg(), engine="jacobian")
         cbs = []
         if with_cost:
             tele = SymmetryTeleportCallback(trigger=SpyTrigger(), schedule={"max_per_epoch": 0})
@@ -385,3 +385,25 @@ def test_the_trigger_reuses_the_aggregators_jacobian():
     torch.testing.assert_close(rec.gramian, rec.jacobian @ rec.jacobian.T)
     torch.testing.assert_close(conflict_cosines_from_gram(rec.gramian), conflict_cosines(rec.jacobian),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_on_the_gramian_engine_the_trigger_reads_the_gramian_the_weights_got():
+    from lightning_cost.aggregators import build_aggregator
+
+    seen: dict[str, list] = {"weights": [], "trig": []}
+
+    class SpyAgg(type(build_aggregator("mgda"))):
+        def weights(self, gramian):
+            seen["weights"].append(gramian)
+            return super().weights(gramian)
+
+    class SpyTrigger(ConflictTrigger):
+        def __call__(self, jacobian, gramian=None):
+            seen["trig"].append((jacobian, gramian))
+            return super().__call__(jacobian, gramian)
+
+    L.seed_everything(0)
+    model = TinyMTL(k=3, method=SpyAgg(), engine="gramian", gramian={"path": "gram"})
+    fit(model, [SymmetryTeleportCallback(trigger=SpyTrigger(), schedule={"max_per_epoch": 0})], steps=4)
+    assert len(seen["trig"]) == 4
+    assert all(j is None and g is w for (j, g), w in zip(seen["trig"], seen["weights"], strict=True))

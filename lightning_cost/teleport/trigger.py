@@ -136,11 +136,13 @@ class ConflictTrigger:
     def threshold(k: int) -> int:
         return math.ceil(k / 2)
 
-    def __call__(self, jacobian: Tensor, gramian: Tensor | None = None) -> TriggerResult:
+    def __call__(self, jacobian: Tensor | None, gramian: Tensor | None = None) -> TriggerResult:
         """Decide from the ``K x P`` Jacobian, or from ``gramian`` (``J J^T``) when it is given
         (``K x K`` work instead of a pass over ``J``)."""
         if gramian is not None:
             return self.from_gram(gramian)
+        if jacobian is None:
+            raise ValueError("the trigger needs the Jacobian or its Gramian")
         return self.decide(conflict_cosines(jacobian))
 
     def from_gram(self, gram: Tensor) -> TriggerResult:
@@ -157,9 +159,9 @@ class ConflictTrigger:
                     "module to configure_multitask(shared=module) or call self.mark_representation(z) in "
                     "training_step")
             return self.from_gram(global_representation_gram(record.representation_jacobian, self.reduce))
-        if record.jacobian is None:
+        if record.jacobian is None and record.gramian is None:
             return None
-        return self(record.jacobian, gramian=record.gramian)
+        return self(record.jacobian, gramian=record.gramian)  # the Gramian engine records G only
 
     def decide(self, cos: Tensor) -> TriggerResult:
         """The rule applied to the ``K`` cosines ``cos(g_i, g_0)`` (NaN: no gradient, never counted)."""

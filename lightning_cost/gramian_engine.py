@@ -1,0 +1,276 @@
+"""The Gramian engine: ``G = J J^T`` and ``J^T w`` of the shared parameters, without forming ``J``.
+
+Methods that are a function of the Gramian (:class:`~lightning_cost.aggregators.GramianAggregator`,
+and the conflict trigger's cosines) never need the ``K x P`` Jacobian itself. During
+``training_step`` the engine records, for each shared ``nn.Linear``/``Conv1d``/``Conv2d``/
+``Embedding`` whose cost rule (:mod:`lightning_cost.gram_layers`) favours it, the layer's input and
+its output tensor. One batched vector-Jacobian product with the K one-hot cotangents (the module's
+:class:`~lightning_cost.jacobian.JacobianEngine`, with its loop fallback) then gives the K output
+cotangents of those layers and the per-task gradients of every other shared parameter (norm
+affines, unknown modules, layers the rule sends to the explicit path); no weight gradient of a
+Gram-path layer is formed. ``G`` is the sum of the layers' Gram parts and of the explicit blocks'
+Gramians; the update of weights ``w`` is written per layer as ``(sum_i w_i D_i)^T A``.
+
+The Gram parts are exact in real arithmetic; a weight used outside its module's ``forward`` (tied
+weights read as a tensor) would escape them, so the first step is checked against the Jacobian
+engine's ``J J^T`` (:attr:`GramianConfig.verify`) and a mismatch switches back to the Jacobian for
+good, with a warning. Under DDP the global Gramian has cross-rank terms that no rank's Gram parts
+contain: the multi-task core then uses the exact path (per-task gradients averaged over ranks).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_cost.aggregators import gramian as block_gramian
+from lightning_cost.aggregators.base import GRAMIAN_BLOCK
+from lightning_cost.gram_layers import LayerRule, rule_for
+from lightning_cost.jacobian import JacobianEngine
+
+__all__ = ["GramianConfig", "GramianEngine", "GramianStep"]
+
+log = logging.getLogger(__name__)
+
+PATHS = ("auto", "gram", "explicit")
+
+
+@dataclass(frozen=True)
+class GramianConfig:
+    """Settings of :class:`GramianEngine`.
+
+    Args:
+        path: ``"auto"`` (the per-layer cost rule), ``"gram"`` (every supported layer takes the Gram
+            path within ``max_rows``) or ``"explicit"`` (none: per-task weight gradients, as the
+            Jacobian engine, but ``J`` is still never formed).
+        max_rows: the largest ``N`` (rows of a layer's input; batch x positions for a convolution)
+            for the Gram path: its ``N x N`` matrix ``S`` is formed.
+        verify: check the first step's ``G`` against the Jacobian engine's ``J J^T`` (one extra
+            Jacobian, once) and fall back to the Jacobian engine on a mismatch.
+        rtol: the check's tolerance, relative to the largest ``|G_ij|``.
+    """
+
+    path: str = "auto"
+    max_rows: int = 4096
+    verify: bool = True
+    rtol: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {self.path!r}")
+        if not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool) or self.max_rows < 1:
+            raise ValueError(f"max_rows must be an int >= 1, got {self.max_rows!r}")
+        if not isinstance(self.verify, bool):
+            raise ValueError(f"verify must be a bool, got {self.verify!r}")
+        if not (isinstance(self.rtol, (int, float)) and 0 < self.rtol < 1):
+            raise ValueError(f"rtol must be in (0, 1), got {self.rtol!r}")
+
+
+@dataclass
+class _Layer:
+    """One Gram-path candidate: a shared module, its rule and this step's captured calls."""
+
+    name: str
+    module: nn.Module
+    rule: LayerRule
+    params: list[tuple[str, nn.Parameter]]  # its trainable direct parameters ("weight", "bias")
+    gram: bool | None = None  # this step's decision (None: not called yet)
+    inputs: list[Tensor] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+
+
+@dataclass
+class GramianStep:
+    """One step's per-task gradient information from :meth:`GramianEngine.compute`.
+
+    ``gramian`` is unscaled (``K x K``, float32, symmetric); :meth:`combine` gives ``J^T w`` per
+    shared parameter; ``other_grads`` are the ``[K, *shape]`` gradients of the other parameters
+    (still scaled by the loss scale, as the Jacobian engine's).
+    """
+
+    gramian: Tensor
+    other_grads: list[Tensor | None]
+    rep_grads: list[Tensor | None]
+    scale: float
+    _shared: list[nn.Parameter]
+    _layers: list[tuple[_Layer, Tensor, Tensor | None]]  # (layer, A, D or None if unreached)
+    _blocks: dict[int, Tensor]  # id(param) -> [K, numel] explicit per-task gradients
+
+    def combine(self, weights: Tensor) -> Tensor:
+        """``J^T w`` (length ``P``, in shared-parameter order), unscaled."""
+        w = weights.detach().float()
+        parts: dict[int, Tensor] = {}
+        for layer, a, d in self._layers:
+            if d is None:
+                continue
+            dw = torch.tensordot(w.to(d.device), d, dims=1)  # (N, d_out)
+            for pname, p in layer.params:
+                parts[id(p)] = layer.rule.weight_update(layer.module, a, dw) if pname == "weight" else dw.sum(0)
+        for pid, block in self._blocks.items():
+            parts[pid] = w.to(block.dtype) @ block
+        flat = [parts[id(p)].reshape(-1).to(p.dtype) if id(p) in parts else torch.zeros(p.numel(), dtype=p.dtype,
+                                                                                         device=p.device)
+                for p in self._shared]
+        out = torch.cat(flat)
+        return out / self.scale if self.scale != 1.0 else out
+
+    def finite_parts(self) -> bool:
+        """Whether every cotangent and explicit block is finite (read only when ``G`` is not)."""
+        tensors = [d for _, _, d in self._layers if d is not None] + list(self._blocks.values())
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class GramianEngine:
+    """``G = J J^T`` and ``J^T w`` from layer inputs and output cotangents (see the module docstring)."""
+
+    def __init__(self, config: GramianConfig | None = None, jacobian: JacobianEngine | None = None) -> None:
+        self.config = config or GramianConfig()
+        self.jacobian = jacobian or JacobianEngine()
+        self.verified = not self.config.verify
+        self.disabled_reason: str | None = None
+        self._layers: list[_Layer] = []
+        self._paths: dict[str, str] = {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config}{', disabled' if self.disabled_reason else ''})"
+
+    # ------------------------------------------------------------------ capture
+    @contextmanager
+    def capture(self, root: nn.Module, shared: Sequence[nn.Parameter], k: int) -> Iterator[None]:
+        """Record, during the forward pass inside this block, what the Gram path needs."""
+        self._layers = self._candidates(root, shared)
+        handles = [layer.module.register_forward_hook(self._hook(layer, k)) for layer in self._layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _candidates(self, root: nn.Module, shared: Sequence[nn.Parameter]) -> list[_Layer]:
+        shared_ids = {id(p) for p in shared}
+        layers, paths = [], {}
+        for name, module in root.named_modules():
+            rule = rule_for(module)
+            params = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+            if not params or not all(id(p) in shared_ids for _, p in params):
+                continue
+            why = "no Gram rule for this module type" if rule is None else rule.unsupported(module)
+            if why is None and self.config.path == "explicit":
+                why = "path='explicit'"
+            if why is not None:
+                paths[name] = f"explicit ({why})"
+                continue
+            layers.append(_Layer(name, module, rule, params))
+        for name, module in root.named_modules():  # other modules with shared parameters of their own
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) in shared_ids]
+            if own and name not in paths and not any(layer.name == name for layer in layers):
+                paths[name] = "explicit (no Gram rule for this module type)"
+        self._paths = paths
+        return layers
+
+    def _hook(self, layer: _Layer, k: int) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad and args
+                    and isinstance(args[0], Tensor)):
+                return None
+            x = args[0]
+            if layer.gram is None:
+                cfg = self.config
+                layer.gram = (layer.rule.n_rows(module, x) <= cfg.max_rows if cfg.path == "gram"
+                              else layer.rule.prefers_gram(module, x, k, cfg.max_rows))
+            if not layer.gram:
+                return None
+            layer.inputs.append(x.detach())
+            layer.outputs.append(output)
+            return output.clone()  # later in-place ops change the clone: ``output`` keeps its cotangent
+
+        return hook
+
+    def paths(self) -> dict[str, str]:
+        """Which path each shared module took at the last step: ``"gram"``, or ``"explicit (why)"``."""
+        out = dict(self._paths)
+        for layer in self._layers:
+            out[layer.name] = "gram" if layer.gram else "explicit (cost rule)" if layer.gram is False else \
+                "explicit (not called)"
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def compute(self, losses: Tensor, shared: Sequence[nn.Parameter], others: Sequence[Tensor],
+                reps: Sequence[Tensor] = (), *, scale: float = 1.0, retain: bool = False) -> GramianStep:
+        """``G`` of ``losses`` over ``shared`` (the layers captured during the last :meth:`capture`),
+        the other parameters' and the representation's per-task gradients, from one VJP."""
+        gram_layers = [layer for layer in self._layers if layer.gram]
+        covered = {id(p) for layer in gram_layers for _, p in layer.params}
+        explicit = [p for p in shared if id(p) not in covered]
+        outputs = [o for layer in gram_layers for o in layer.outputs]
+        scaled = losses * scale if scale != 1.0 else losses
+        grads = self.jacobian.vjps(scaled, [*outputs, *explicit, *others, *reps], retain)
+        k = losses.shape[0]
+        gram = torch.zeros((k, k), dtype=torch.float32, device=losses.device)
+        layers, pos = [], 0
+        for layer in gram_layers:
+            n_calls = len(layer.outputs)
+            layers.append(self._layer_part(layer, grads[pos : pos + n_calls], gram))
+            pos += n_calls
+        blocks = {}
+        for p, g in zip(explicit, grads[pos : pos + len(explicit)], strict=True):
+            if g is not None:
+                blocks[id(p)] = g.reshape(k, -1).float()
+                gram += block_gramian(blocks[id(p)])
+        pos += len(explicit)
+        if scale != 1.0:
+            gram /= scale * scale
+        for layer in self._layers:  # drop the graph references; keep the decisions for paths()
+            layer.inputs, layer.outputs = [], []
+        return GramianStep(gramian=0.5 * (gram + gram.T), other_grads=list(grads[pos : pos + len(others)]),
+                           rep_grads=list(grads[pos + len(others):]), scale=scale, _shared=list(shared),
+                           _layers=layers, _blocks=blocks)
+
+    @staticmethod
+    def _layer_part(layer: _Layer, grads: Sequence[Tensor | None], gram: Tensor) -> tuple[_Layer, Tensor, Tensor | None]:
+        """Add one Gram-path layer's part to ``gram``; return its ``(layer, A, D)``."""
+        rule, module = layer.rule, layer.module
+        a = torch.cat([rule.rows(module, x) for x in layer.inputs])
+        if all(g is None for g in grads):
+            return layer, a, None
+        d = torch.cat([rule.cotangents(module, g if g is not None else torch.zeros((gram.shape[0], *o.shape),
+                                                                                   dtype=o.dtype, device=o.device))
+                       for g, o in zip(grads, layer.outputs, strict=True)], dim=1)
+        d = rule.prepare(module, a, d)
+        for pname, _ in layer.params:
+            if pname == "weight":
+                gram += cross_gramian(d, torch.matmul(rule.input_gram(a), d))
+            else:
+                b = d.sum(1)
+                gram += b @ b.T
+        return layer, a, d
+
+    def check(self, gram: Tensor, reference: Tensor) -> bool:
+        """Whether ``gram`` matches the Jacobian engine's ``reference`` (the first-step check); on a
+        mismatch the engine disables itself, saying why."""
+        self.verified = True
+        err = float((gram - reference).abs().max())
+        size = float(reference.abs().max())
+        if err <= self.config.rtol * max(size, torch.finfo(torch.float32).tiny):
+            return True
+        self.disabled_reason = (f"the Gram parts differ from J J^T by {err / max(size, 1e-30):.1e} relative (a shared "
+                                "weight used outside its module's forward?); using the Jacobian engine from now on")
+        return False
+
+
+def cross_gramian(x: Tensor, y: Tensor, block: int = GRAMIAN_BLOCK) -> Tensor:
+    """``X Y^T`` over the flattened rows of ``[K, ...]`` tensors, summed in column blocks (as
+    :func:`~lightning_cost.aggregators.gramian`, for float32 accuracy at any size)."""
+    xf, yf = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
+    if xf.shape[1] <= block:
+        return xf @ yf.T
+    out = torch.zeros((xf.shape[0], yf.shape[0]), dtype=xf.dtype, device=xf.device)
+    for start in range(0, xf.shape[1], block):
+        out.addmm_(xf[:, start : start + block], yf[:, start : start + block].T)
+    return out
