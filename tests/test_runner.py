@@ -270,7 +270,7 @@ def test_a_run_that_stalls_is_kept_tested_and_noted_and_the_grid_goes_on(tmp_pat
 
     _need("mnist.npz")
     calls = {"n": 0}
-    original = FairGrad.aggregate
+    original = FairGrad.weights  # called on both engines (aggregate calls it too)
 
     def stall_at_step_7(self, *args, **kwargs):
         calls["n"] += 1
@@ -278,7 +278,7 @@ def test_a_run_that_stalls_is_kept_tested_and_noted_and_the_grid_goes_on(tmp_pat
             raise TrainingStalledError("FairGrad: 50 consecutive training steps were skipped; (a test)")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(FairGrad, "aggregate", stall_at_step_7)
+    monkeypatch.setattr(FairGrad, "weights", stall_at_step_7)
     out = tmp_path / "stall"
     summary = runner.main(["--dataset", "multimnist", "--methods", "fairgrad", "ls", "--seeds", "0", "--epochs", "2",
                            "--threads", "1", "--progress", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM)])

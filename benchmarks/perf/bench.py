@@ -119,10 +119,11 @@ def _ratio(a: float, b: float) -> float:
 class BenchMTL(MultiTaskMixin, L.LightningModule):
     """A shared trunk and K classification heads; ``training_step`` returns the K losses."""
 
-    def __init__(self, trunk: nn.Module, heads: nn.ModuleList, method: str = "ls", lr: float = 1e-3) -> None:
+    def __init__(self, trunk: nn.Module, heads: nn.ModuleList, method: str = "ls", lr: float = 1e-3,
+                 **multitask: Any) -> None:
         super().__init__()
         self.trunk, self.heads, self.lr = trunk, heads, lr
-        self.configure_multitask([f"t{i}" for i in range(len(heads))], shared=self.trunk, method=method)
+        self.configure_multitask([f"t{i}" for i in range(len(heads))], shared=self.trunk, method=method, **multitask)
 
     def task_losses(self, batch: Any) -> Tensor:
         x, y = batch
@@ -196,11 +197,11 @@ def dataset(kind: str, k: int, batches: int) -> tuple[TensorDataset, int]:
     return TensorDataset(x, torch.randint(0, 10, (bs * batches, k), generator=g)), bs
 
 
-def build(kind: str, k: int, method: str = "ls") -> BenchMTL:
+def build(kind: str, k: int, method: str = "ls", **multitask: Any) -> BenchMTL:
     torch.manual_seed(0)
     parts = {"lenet": lenet_parts, "tox21mlp": tox21_mlp_parts, "resnet18": resnet_parts}[kind]
     trunk, heads = parts(k)
-    return BenchMTL(trunk, heads, method)
+    return BenchMTL(trunk, heads, method, **multitask)
 
 
 # --------------------------------------------------------------------------- 1. step time / memory

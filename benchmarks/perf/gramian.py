@@ -1,0 +1,174 @@
+"""Step time of the Gramian methods on three engines: ours (Jacobian, Gramian) and TorchJD's autogram.
+
+Run::
+
+    python -m benchmarks.perf.gramian [--quick] [--out docs/results/perf]
+
+For each model and K, one batch, one process, one torch thread: the median time of a full training
+step (forward, per-task gradients, the method's weights, the update's backward, Adam) of FairGrad,
+MGDA, CAGrad, Nash-MTL and PCGrad over the median LS step on the same model and batch (LS measured
+before, between and after the methods), with
+
+* ``jacobian``: the mixin on the Jacobian engine (``engine="jacobian"``, ``J`` formed),
+* ``gramian``: the mixin on the Gramian engine (``engine="gramian"``, the default for these methods),
+* ``torchjd``: TorchJD's ``autogram.Engine`` over the trunk (``batch_dim=None``: BatchNorm forbids a
+  batch dimension) and the matching weighting, then ``losses.backward(w)`` (Nash-MTL has no
+  Gramian weighting there and is left out),
+
+and the peak RSS growth of each run. The per-layer path of the Gramian engine is printed per model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import quiet, text_table
+from benchmarks.perf.bench import RssPeak, build, dataset
+
+METHODS = ("fairgrad", "mgda", "cagrad", "nashmtl", "pcgrad")
+ENGINES = ("jacobian", "gramian", "torchjd")
+#: (model, K, batch) as the engine's targets name them
+SETUPS = (("tox21mlp", 12, 128), ("tox21mlp", 12, 256), ("tox21mlp", 40, 128), ("tox21mlp", 40, 256),
+          ("lenet", 2, 256), ("resnet18", 3, 8), ("resnet18", 10, 8))
+QUICK_SETUPS = (("tox21mlp", 12, 64), ("lenet", 2, 64))
+
+
+def torchjd_weighting(method: str) -> Callable[[], Any] | None:
+    try:
+        import torchjd.aggregation as A
+    except Exception:  # noqa: BLE001 - the peers extra is not installed
+        return None
+    return {"mgda": A.MGDAWeighting, "pcgrad": A.PCGradWeighting, "cagrad": lambda: A.CAGradWeighting(c=0.4),
+            "fairgrad": lambda: A.FairGradWeighting(alpha=2.0)}.get(method)
+
+
+def batch_for(kind: str, k: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ds, _ = dataset(kind, k, 1 + bs // 8)
+    x, y = ds.tensors
+    return x[:bs], y[:bs]
+
+
+def ours_step(kind: str, k: int, method: str, engine: str | None, batch: Any) -> Callable[[], None]:
+    model = build(kind, k, method, **({} if engine is None else {"engine": engine}))
+    model.train()
+    opt = model.configure_optimizers()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model.training_step(batch, 0).backward()
+        opt.step()
+
+    step.model = model  # type: ignore[attr-defined]
+    return step
+
+
+def torchjd_step(kind: str, k: int, method: str, batch: Any) -> Callable[[], None] | None:
+    factory = torchjd_weighting(method)
+    if factory is None:
+        return None
+    from torchjd.autogram import Engine
+
+    model = build(kind, k, "ls")
+    model.train()
+    opt = model.configure_optimizers()
+    engine, weighting = Engine(model.trunk, batch_dim=None), factory()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        losses = model.task_losses(batch)
+        losses.backward(weighting(engine.compute_gramian(losses)))
+        opt.step()
+
+    return step
+
+
+def measure(step: Callable[[], None], reps: int, warmup: int) -> dict[str, float]:
+    import time
+
+    for _ in range(warmup):
+        step()
+    times = []
+    with RssPeak() as mem:
+        for _ in range(reps):
+            t = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t) * 1e3)
+    return {"step_ms": statistics.median(times), "peak_rss_mb": mem.peak_delta / 2**20}
+
+
+def bench_setup(kind: str, k: int, bs: int, reps: int, warmup: int, log: Callable[[str], None]) -> dict[str, Any]:
+    batch = batch_for(kind, k, bs)
+    ls_runs = [measure(ours_step(kind, k, "ls", None, batch), reps, warmup)]
+    rows: dict[str, Any] = {}
+    paths: dict[str, str] = {}
+    for i, method in enumerate(METHODS):
+        rows[method] = {}
+        for engine in ENGINES:
+            step = torchjd_step(kind, k, method, batch) if engine == "torchjd" else ours_step(kind, k, method, engine, batch)
+            if step is None:
+                continue
+            rows[method][engine] = measure(step, reps, warmup)
+            if engine == "gramian":
+                paths = step.model.mtl_gramian_engine.paths()  # type: ignore[attr-defined]
+        if i == len(METHODS) // 2:
+            ls_runs.append(measure(ours_step(kind, k, "ls", None, batch), reps, warmup))
+        log(f"  {kind} K={k} B={bs} {method}: " + ", ".join(f"{e} {r['step_ms']:.0f} ms" for e, r in rows[method].items()))
+    ls_runs.append(measure(ours_step(kind, k, "ls", None, batch), reps, warmup))
+    ls_ms = statistics.median(r["step_ms"] for r in ls_runs)
+    for per_engine in rows.values():
+        for r in per_engine.values():
+            r["ratio_vs_ls"] = r["step_ms"] / ls_ms
+    return {"kind": kind, "K": k, "batch": bs, "ls_ms": ls_ms, "ls_runs_ms": [r["step_ms"] for r in ls_runs],
+            "ls_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ls_runs), "methods": rows, "paths": paths}
+
+
+def report(results: dict[str, Any]) -> str:
+    head = ["model", "K", "B", "LS ms", "method"] + [f"{e} x LS" for e in ENGINES] + \
+        [f"{e} MB" for e in ENGINES] + ["jacobian / gramian time", "torchjd / gramian time"]
+    rows = []
+    for r in results["setups"]:
+        for method, per in r["methods"].items():
+            def cell(e: str, key: str, fmt: str) -> str:
+                return format(per[e][key], fmt) if e in per else "-"
+
+            j, g, t = (per.get(e, {}).get("step_ms") for e in ENGINES)
+            rows.append([r["kind"], r["K"], r["batch"], f"{r['ls_ms']:.1f}", method,
+                         *(cell(e, "ratio_vs_ls", ".2f") for e in ENGINES), *(cell(e, "peak_rss_mb", ".0f") for e in ENGINES),
+                         f"{j / g:.2f}" if g and j else "-", f"{t / g:.2f}" if g and t else "-"])
+    lines = [text_table("Step time over an LS step on the same model and batch (1 thread)", head, rows), "", "Gramian engine paths per shared layer:"]
+    for r in results["setups"]:
+        gram = sorted(n for n, p in r["paths"].items() if p == "gram")
+        lines.append(f"  {r['kind']} K={r['K']} B={r['batch']}: gram {gram or 'none'}; "
+                     f"{sum(1 for p in r['paths'].values() if p != 'gram')} other modules explicit")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="two small setups, few repetitions (the suite's run)")
+    parser.add_argument("--out", type=Path, default=None, help="write gramian.{json,txt} here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    setups, reps, warmup = (QUICK_SETUPS, 2, 1) if args.quick else (SETUPS, 5, 2)
+    results: dict[str, Any] = {"threads": 1, "reps": reps, "warmup": warmup, "setups": []}
+    with quiet(everything=True):
+        for kind, k, bs in setups:
+            r = 3 if kind == "resnet18" and not args.quick else reps
+            results["setups"].append(bench_setup(kind, k, bs, r, min(warmup, 1) if kind == "resnet18" else warmup, print))
+    text = report(results)
+    print(text)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gramian.json").write_text(json.dumps(results, indent=1))
+        (args.out / "gramian.txt").write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
