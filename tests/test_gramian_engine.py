@@ -231,3 +231,15 @@ def test_bf16_mixed_trains_and_fp16_scale_is_removed_from_g():
     gram, jac = fp16("gramian"), fp16("jacobian")
     torch.testing.assert_close(gram.gramian, jac.gramian, rtol=1e-3, atol=1e-4)  # unscaled in both
     torch.testing.assert_close(gram.direction, jac.direction, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.ddp
+def test_ddp_gramian_is_the_global_one_on_both_ranks(run_ddp):
+    """Ranks see different samples: a per-rank Gram would differ between them and from the global J J^T."""
+    _, (r0, r1) = run_ddp("gramian")
+    assert len(r0["gramians"]) == len(r0["jacobians"]) == 6  # the exact path: J averaged over ranks
+    for g0, g1, j in zip(r0["gramians"], r1["gramians"], r0["jacobians"], strict=True):
+        assert torch.equal(g0, g1)
+        torch.testing.assert_close(g0, j @ j.T, rtol=1e-5, atol=1e-6)
+    for a, b in zip(r0["params"], r1["params"], strict=True):
+        assert torch.equal(a, b)

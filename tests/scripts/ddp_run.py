@@ -1,6 +1,6 @@
 """Run a 2-process CPU DDP fit (gloo) and save each rank's final state; used by the tests.
 
-usage: python ddp_run.py OUT_DIR MODE   (MODE: core | teleport | representation | skipwarn)
+usage: python ddp_run.py OUT_DIR MODE   (MODE: core | gramian | teleport | representation | skipwarn)
 """
 
 import sys
@@ -58,11 +58,13 @@ class Net(TinyMTL):
 
 class Save(L.Callback):
     def __init__(self, out, tele=None):
-        self.out, self.tele, self.jacobians = out, tele, []
+        self.out, self.tele, self.jacobians, self.gramians = out, tele, [], []
 
     def on_after_backward(self, trainer, pl_module):
         if pl_module.mtl_step is not None and pl_module.mtl_step.jacobian is not None:
             self.jacobians.append(pl_module.mtl_step.jacobian.clone())
+        if pl_module.mtl_step is not None and pl_module.mtl_step.gramian is not None:
+            self.gramians.append(pl_module.mtl_step.gramian.clone())
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.tele is not None and self.tele.trigger.on == "parameters" and trainer.global_step == 3:
@@ -76,6 +78,7 @@ class Save(L.Callback):
             "buffers": [b.clone() for b in pl_module.buffers()],
             "opt_state": state,
             "jacobians": self.jacobians,
+            "gramians": self.gramians,
             "skipped": pl_module.mtl_skipped_steps,
             "history": [r.to_dict() for r in self.tele.history] if self.tele is not None else None,
             "decisions": getattr(self.tele, "decisions", None),
@@ -86,7 +89,8 @@ class Save(L.Callback):
 def main():
     out, mode = sys.argv[1], sys.argv[2]
     L.seed_everything(0)
-    net = Net(k=3, method="ls" if mode == "representation" else NormalizedMean())
+    engine = {"engine": "gramian", "gramian": {"path": "gram"}} if mode == "gramian" else {}
+    net = Net(k=3, method="ls" if mode == "representation" else NormalizedMean(), **engine)
     tele = None
     callbacks = []
     if mode == "teleport":
@@ -100,7 +104,7 @@ def main():
         tele.decisions = []
         tele.trigger = LowCosine(tele.decisions)
         callbacks.append(tele)
-    else:  # core; skipwarn: the same NaN on rank 1 makes both ranks skip step 2, and only rank 0 may warn
+    elif mode != "gramian":  # core; skipwarn: the same NaN on rank 1 makes both ranks skip step 2, and only rank 0 may warn
         net.nan_at_step = 2
     callbacks.append(Save(out, tele))
     fit = trainer(max_steps=10 if mode == "representation" else 4 if mode == "skipwarn" else 6, callbacks=callbacks,
