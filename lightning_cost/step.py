@@ -181,6 +181,20 @@ class MultiTaskStep:
             display = aux.detach()
         return surrogate + (display - surrogate).detach()
 
+    def _mtl_unusable(self, record: StepRecord, overflowed: bool) -> bool | None:
+        """``None``: the step's gradients are usable; ``True``: the step is skipped (non-finite values
+        without a fp16 ``GradScaler``, or a diverged run whose Gramian overflows); ``False``: non-finite
+        values go to the ``GradScaler``, which skips the step and lowers its scale."""
+        if not record.finite:
+            if self._mtl_scaler() is None:
+                self._mtl_skip(record, "non-finite task losses or gradients")
+                return True
+            return False
+        if overflowed:  # the run has diverged: a clear skip, not a solver crash
+            self._mtl_skip(record, "task gradients so large that their Gramian overflows (diverged training)")
+            return True
+        return None
+
     def _mtl_direction(self, record: StepRecord, row_stat: Tensor, overflowed: bool
                        ) -> tuple[Tensor, Tensor] | None:
         """The shared direction and the per-task coefficients of the other parameters' gradients,
@@ -188,15 +202,9 @@ class MultiTaskStep:
         jacobian, method = record.jacobian, self.mtl_method
         assert jacobian is not None
         k = jacobian.shape[0]
-        if not record.finite:
-            if self._mtl_scaler() is None:
-                self._mtl_skip(record, "non-finite task losses or gradients")
-                return None
-            # Hand the non-finite sum to the GradScaler: it skips the step and lowers its scale.
-            return jacobian.sum(0), torch.ones(k, device=jacobian.device)
-        if overflowed:  # the run has diverged: a clear skip, not a solver crash
-            self._mtl_skip(record, "task gradients so large that their Gramian overflows (diverged training)")
-            return None
+        unusable = self._mtl_unusable(record, overflowed)
+        if unusable is not None:  # skipped, or the non-finite sum handed to the GradScaler
+            return None if unusable else (jacobian.sum(0), torch.ones(k, device=jacobian.device))
         if isinstance(method, LossWeighting):
             coeffs = method.loss_weights(record.losses).to(jacobian.dtype)
             direction = coeffs @ jacobian
@@ -260,14 +268,9 @@ class MultiTaskStep:
         method, gram = self.mtl_method, record.gramian
         assert gram is not None
         k = gram.shape[0]
-        if not record.finite:
-            if self._mtl_scaler() is None:
-                self._mtl_skip(record, "non-finite task losses or gradients")
-                return None
-            return torch.ones(k, device=gram.device)  # the non-finite sum goes to the GradScaler
-        if overflowed:
-            self._mtl_skip(record, "task gradients so large that their Gramian overflows (diverged training)")
-            return None
+        unusable = self._mtl_unusable(record, overflowed)
+        if unusable is not None:  # skipped, or the non-finite sum handed to the GradScaler
+            return None if unusable else torch.ones(k, device=gram.device)
         keep = (row_stat > 0).nonzero().flatten()
         w = torch.zeros(k, device=gram.device)
         if keep.numel() == 1:

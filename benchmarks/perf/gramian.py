@@ -129,18 +129,20 @@ def bench_setup(kind: str, k: int, bs: int, reps: int, warmup: int, log: Callabl
             "ls_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ls_runs), "methods": rows, "paths": paths}
 
 
+def _cell(per: dict[str, Any], engine: str, key: str, fmt: str) -> str:
+    return format(per[engine][key], fmt) if engine in per else "-"
+
+
 def report(results: dict[str, Any]) -> str:
     head = ["model", "K", "B", "LS ms", "method"] + [f"{e} x LS" for e in ENGINES] + \
         [f"{e} MB" for e in ENGINES] + ["jacobian / gramian time", "torchjd / gramian time"]
     rows = []
     for r in results["setups"]:
         for method, per in r["methods"].items():
-            def cell(e: str, key: str, fmt: str) -> str:
-                return format(per[e][key], fmt) if e in per else "-"
-
             j, g, t = (per.get(e, {}).get("step_ms") for e in ENGINES)
             rows.append([r["kind"], r["K"], r["batch"], f"{r['ls_ms']:.1f}", method,
-                         *(cell(e, "ratio_vs_ls", ".2f") for e in ENGINES), *(cell(e, "peak_rss_mb", ".0f") for e in ENGINES),
+                         *(_cell(per, e, "ratio_vs_ls", ".2f") for e in ENGINES),
+                         *(_cell(per, e, "peak_rss_mb", ".0f") for e in ENGINES),
                          f"{j / g:.2f}" if g and j else "-", f"{t / g:.2f}" if g and t else "-"])
     lines = [text_table("Step time over an LS step on the same model and batch (1 thread)", head, rows), "", "Gramian engine paths per shared layer:"]
     for r in results["setups"]:
