@@ -95,8 +95,16 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
     for m, c, s in cfg.runs():
         key = {**common, "method": m, "method_kw": cfg.method_kw.get(m, {}), "cost": c, "cost_spec": cfg.spec(c),
                "seed": s}
+        if _gramian_method(m):  # runs on the Gramian engine: equal to the Jacobian engine's up to rounding only
+            key["engine"] = "gramian"
         jobs.append(Job("run", out / "runs" / f"{m}__cost-{c}__seed{s}.json", key, s, method=m, cost=c))
     return jobs
+
+
+def _gramian_method(name: str) -> bool:
+    from lightning_cost.aggregators import GramianAggregator, aggregator_class
+
+    return issubclass(aggregator_class(name), GramianAggregator)
 
 
 def out_dir(cfg: RunnerConfig) -> Path:
