@@ -236,12 +236,12 @@ class GramianEngine:
     def _layer_part(layer: _Layer, grads: Sequence[Tensor | None], gram: Tensor) -> tuple[_Layer, Tensor, Tensor | None]:
         """Add one Gram-path layer's part to ``gram``; return its ``(layer, A, D)``."""
         rule, module = layer.rule, layer.module
-        a = torch.cat([rule.rows(module, x) for x in layer.inputs])
+        a = _cat([rule.rows(module, x) for x in layer.inputs], dim=0)
         if all(g is None for g in grads):
             return layer, a, None
-        d = torch.cat([rule.cotangents(module, g if g is not None else torch.zeros((gram.shape[0], *o.shape),
-                                                                                   dtype=o.dtype, device=o.device))
-                       for g, o in zip(grads, layer.outputs, strict=True)], dim=1)
+        d = _cat([rule.cotangents(module, g if g is not None else torch.zeros((gram.shape[0], *o.shape),
+                                                                              dtype=o.dtype, device=o.device))
+                  for g, o in zip(grads, layer.outputs, strict=True)], dim=1)
         d = rule.prepare(module, a, d)
         for pname, _ in layer.params:
             if pname == "weight":
@@ -262,6 +262,11 @@ class GramianEngine:
         self.disabled_reason = (f"the Gram parts differ from J J^T by {err / max(size, 1e-30):.1e} relative (a shared "
                                 "weight used outside its module's forward?); using the Jacobian engine from now on")
         return False
+
+
+def _cat(parts: list[Tensor], dim: int) -> Tensor:
+    """``torch.cat`` without the copy when a layer was called once (the usual case)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
 def cross_gramian(x: Tensor, y: Tensor, block: int = GRAMIAN_BLOCK) -> Tensor:
