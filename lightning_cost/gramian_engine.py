@@ -33,6 +33,7 @@ from lightning_cost.aggregators import gramian as block_gramian
 from lightning_cost.aggregators.base import GRAMIAN_BLOCK
 from lightning_cost.gram_layers import LayerRule, rule_for
 from lightning_cost.jacobian import JacobianEngine
+from lightning_cost.representation_cut import head_products, passes_only_through, reached_leaves
 
 __all__ = ["GramianConfig", "GramianEngine", "GramianStep"]
 
@@ -54,12 +55,17 @@ class GramianConfig:
         verify: check the first step's ``G`` against the Jacobian engine's ``J J^T`` (one extra
             Jacobian, once) and fall back to the Jacobian engine on a mismatch.
         rtol: the check's tolerance, relative to the largest ``|G_ij|``.
+        two_stage: where the task losses reach the shared parameters only through the shared
+            module's output ``z`` (checked on each step's graph), get the cotangents of ``z`` by one
+            small product per task through its head, then one batched product through the trunk
+            (:mod:`lightning_cost.representation_cut`), instead of ``K`` one-hot rows through every head.
     """
 
     path: str = "auto"
     max_rows: int = 4096
     verify: bool = True
     rtol: float = 1e-3
+    two_stage: bool = True
 
     def __post_init__(self) -> None:
         if self.path not in PATHS:
@@ -70,6 +76,8 @@ class GramianConfig:
             raise ValueError(f"verify must be a bool, got {self.verify!r}")
         if not (isinstance(self.rtol, (int, float)) and 0 < self.rtol < 1):
             raise ValueError(f"rtol must be in (0, 1), got {self.rtol!r}")
+        if not isinstance(self.two_stage, bool):
+            raise ValueError(f"two_stage must be a bool, got {self.two_stage!r}")
 
 
 @dataclass
@@ -136,16 +144,23 @@ class GramianEngine:
         self.disabled_reason: str | None = None
         self._layers: list[_Layer] = []
         self._paths: dict[str, str] = {}
+        self._cut_calls: list[Any] = []
+        self.split = "one stage (not run yet)"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config}{', disabled' if self.disabled_reason else ''})"
 
     # ------------------------------------------------------------------ capture
     @contextmanager
-    def capture(self, root: nn.Module, shared: Sequence[nn.Parameter], k: int) -> Iterator[None]:
-        """Record, during the forward pass inside this block, what the Gram path needs."""
+    def capture(self, root: nn.Module, shared: Sequence[nn.Parameter], k: int,
+                boundary: nn.Module | None = None) -> Iterator[None]:
+        """Record, during the forward pass inside this block, what the Gram path needs (and the outputs
+        of ``boundary``, the shared module, for the two-stage product)."""
         self._layers = self._candidates(root, shared)
+        self._cut_calls = []
         handles = [layer.module.register_forward_hook(self._hook(layer, k)) for layer in self._layers]
+        if boundary is not None and self.config.two_stage:
+            handles.append(boundary.register_forward_hook(lambda m, a, out: self._cut_calls.append(out)))
         try:
             yield
         finally:
@@ -202,15 +217,16 @@ class GramianEngine:
 
     # ------------------------------------------------------------------ the step
     def compute(self, losses: Tensor, shared: Sequence[nn.Parameter], others: Sequence[Tensor],
-                reps: Sequence[Tensor] = (), *, scale: float = 1.0, retain: bool = False) -> GramianStep:
+                reps: Sequence[Tensor] = (), *, scale: float = 1.0, retain: bool = False,
+                task_losses: Sequence[Tensor] | None = None) -> GramianStep:
         """``G`` of ``losses`` over ``shared`` (the layers captured during the last :meth:`capture`),
-        the other parameters' and the representation's per-task gradients, from one VJP."""
+        the other parameters' and the representation's per-task gradients, from one VJP (two stages
+        where ``task_losses``, the K losses as separate scalars, allow it: :attr:`split`)."""
         gram_layers = [layer for layer in self._layers if layer.gram]
         covered = {id(p) for layer in gram_layers for _, p in layer.params}
         explicit = [p for p in shared if id(p) not in covered]
         outputs = [o for layer in gram_layers for o in layer.outputs]
-        scaled = losses * scale if scale != 1.0 else losses
-        grads = self.jacobian.vjps(scaled, [*outputs, *explicit, *others, *reps], retain)
+        grads = self._products(losses, task_losses, shared, [*outputs, *explicit], others, reps, scale, retain)
         k = losses.shape[0]
         gram = torch.zeros((k, k), dtype=torch.float32, device=losses.device)
         layers, pos = [], 0
@@ -228,9 +244,55 @@ class GramianEngine:
             gram /= scale * scale
         for layer in self._layers:  # drop the graph references; keep the decisions for paths()
             layer.inputs, layer.outputs = [], []
+        self._cut_calls = []
         return GramianStep(gramian=0.5 * (gram + gram.T), other_grads=list(grads[pos : pos + len(others)]),
                            rep_grads=list(grads[pos + len(others):]), scale=scale, _shared=list(shared),
                            _layers=layers, _blocks=blocks)
+
+    def _products(self, losses: Tensor, task_losses: Sequence[Tensor] | None, shared: Sequence[nn.Parameter],
+                  trunk: Sequence[Tensor], others: Sequence[Tensor], reps: Sequence[Tensor], scale: float,
+                  retain: bool) -> list[Tensor | None]:
+        """The ``[K, *shape]`` per-task gradients w.r.t. ``[*trunk, *others, *reps]`` (``trunk``: the
+        Gram-path layers' outputs and the explicit shared parameters): two stages where they give
+        the same numbers, else one batched product (:attr:`split` says which, and why)."""
+        cut = self._cut(task_losses, losses.shape[0])
+        marked = [r for r in reps if not any(r is z for z in cut)]
+        if not cut or not passes_only_through(task_losses, cut, shared, marked):  # type: ignore[arg-type]
+            if cut:
+                self.split = "one stage (a task loss reaches a shared parameter or a marked tensor besides the shared output)"
+            scaled = losses * scale if scale != 1.0 else losses
+            return self.jacobian.vjps(scaled, [*trunk, *others, *reps], retain)
+        self.split = "two stages (per-task heads, then the trunk from the shared module's output)"
+        heads = [p for p, r in zip(others, reached_leaves(task_losses, cut, others), strict=True) if r]  # type: ignore[arg-type]
+        first = JacobianEngine.stack_rows(head_products(task_losses, [*cut, *heads], scale), [*cut, *heads])  # type: ignore[arg-type]
+        pairs = [(z, c) for z, c in zip(cut, first[: len(cut)], strict=True) if c is not None]
+        head_ids = {id(p) for p in heads}
+        rest = [p for p in others if id(p) not in head_ids]
+        back = [*trunk, *rest, *marked]
+        second = self.jacobian.pullback([z for z, _ in pairs], [c for _, c in pairs], back, retain) if pairs \
+            else [None] * len(back)
+        by_id = {id(x): g for x, g in zip([*heads, *back], [*first[len(cut):], *second], strict=True)}
+        cut_grads = {id(z): c for z, c in zip(cut, first[: len(cut)], strict=True)}
+        return [*second[: len(trunk)], *(by_id[id(p)] for p in others),
+                *(cut_grads[id(r)] if id(r) in cut_grads else by_id[id(r)] for r in reps)]
+
+    def _cut(self, task_losses: Sequence[Tensor] | None, k: int) -> list[Tensor]:
+        """The shared module's output tensors of this step, when the two-stage product may apply."""
+        calls = self._cut_calls
+        if not self.config.two_stage:
+            self.split = "one stage (two_stage=False)"
+        elif task_losses is None or len(task_losses) != k:
+            self.split = "one stage (the task losses came as one stacked tensor, not as separate scalars)"
+        elif len(calls) != 1:
+            self.split = f"one stage (the shared module was called {len(calls)} times, not once)"
+        else:
+            out = calls[0]
+            tensors = [out] if isinstance(out, Tensor) else list(out) if isinstance(out, (tuple, list)) else []
+            cut = [t for t in tensors if isinstance(t, Tensor) and t.requires_grad]
+            if cut and all(isinstance(t, Tensor) for t in tensors):
+                return cut
+            self.split = "one stage (the shared module's output is not a tensor or a tuple of tensors)"
+        return []
 
     @staticmethod
     def _layer_part(layer: _Layer, grads: Sequence[Tensor | None], gram: Tensor) -> tuple[_Layer, Tensor, Tensor | None]:

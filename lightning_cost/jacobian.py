@@ -99,11 +99,29 @@ class JacobianEngine:
             jacobian.div_(scale)
         return all_reduce_mean_(jacobian)
 
+    def pullback(self, outputs: Sequence[Tensor], cotangents: Sequence[Tensor], inputs: Sequence[Tensor],
+                 retain: bool = False) -> list[Tensor | None]:
+        """``[K, *shape]`` products of ``K`` rows of cotangents of ``outputs`` (``cotangents[j]`` is
+        ``[K, *outputs[j].shape]``) with the Jacobian of ``outputs`` w.r.t. ``inputs``; batched or looped
+        as :meth:`vjps`, and ``None`` for an input that no row reaches."""
+        if self._mode == "batched" or (self._mode == "auto" and self._batched_ok is not False):
+            batched = self._batched(list(outputs), list(cotangents), inputs, retain)
+            if batched is not None:
+                return batched
+        k = cotangents[0].shape[0]
+        per_task = [list(torch.autograd.grad(list(outputs), list(inputs), grad_outputs=[c[i] for c in cotangents],
+                                             retain_graph=retain or i < k - 1, allow_unused=True)) for i in range(k)]
+        return self.stack_rows(per_task, inputs)
+
     def _batched_vjps(self, losses: Tensor, inputs: Sequence[Tensor], retain: bool) -> list[Tensor | None] | None:
         """One VJP with the ``K`` one-hot cotangents; ``None`` when ``"auto"`` has just fallen back."""
         eye = torch.eye(losses.shape[0], dtype=losses.dtype, device=losses.device)
+        return self._batched(losses, eye, inputs, retain)
+
+    def _batched(self, outputs: Tensor | list[Tensor], grad_outputs: Tensor | list[Tensor], inputs: Sequence[Tensor],
+                 retain: bool) -> list[Tensor | None] | None:
         try:  # the first try keeps the graph, so that the loop can still run if it fails
-            out = torch.autograd.grad(losses, list(inputs), grad_outputs=eye, is_grads_batched=True,
+            out = torch.autograd.grad(outputs, list(inputs), grad_outputs=grad_outputs, is_grads_batched=True,
                                       retain_graph=retain or not self._batched_ok, allow_unused=True)
         except RuntimeError as err:
             if self._mode == "batched" or self._batched_ok:
@@ -116,20 +134,32 @@ class JacobianEngine:
         self._batched_ok = True
         return list(out)
 
-    @staticmethod
-    def _looped_vjps(losses: Tensor, inputs: Sequence[Tensor], retain: bool) -> list[Tensor | None]:
+    @classmethod
+    def _looped_vjps(cls, losses: Tensor, inputs: Sequence[Tensor], retain: bool) -> list[Tensor | None]:
         k = losses.shape[0]
         per_task = [list(torch.autograd.grad(losses[i], list(inputs), retain_graph=retain or i < k - 1,
                                              allow_unused=True)) for i in range(k)]
+        return cls.stack_rows(per_task, inputs)
+
+    @staticmethod
+    def stack_rows(per_task: list[list[Tensor | None]], inputs: Sequence[Tensor]) -> list[Tensor | None]:
+        """``[K, *shape]`` per input from ``K`` lists of per-input gradients (zeros where one task's is
+        ``None``; ``None`` where every task's is). Each per-task gradient is freed once stacked."""
         stacked: list[Tensor | None] = []
         for j, x in enumerate(inputs):
             col = [g[j] for g in per_task]
-            for g in per_task:  # each per-task gradient is freed once stacked: one copy alive, not two
+            for g in per_task:  # one copy alive, not two
                 g[j] = None
-            if all(g is None for g in col):
+            present = [i for i, g in enumerate(col) if g is not None]
+            if len(present) == len(col):
+                stacked.append(torch.stack(col))  # type: ignore[arg-type]
+            elif not present:
                 stacked.append(None)
-            else:
-                stacked.append(torch.stack([g if g is not None else torch.zeros_like(x) for g in col]))
+            else:  # e.g. a head's parameters, reached by its own task only: one zero block, not K - 1
+                rows = torch.zeros((len(col), *x.shape), dtype=col[present[0]].dtype, device=x.device)  # type: ignore[union-attr]
+                for i in present:
+                    rows[i] = col[i]
+                stacked.append(rows)
         return stacked
 
 

@@ -266,6 +266,11 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
 
     # ------------------------------------------------------------------ the step
     def _mtl_stack(self, out: Any, source: str = "training_step") -> Tensor:
+        return self._mtl_split(out, source)[0]
+
+    def _mtl_split(self, out: Any, source: str = "training_step") -> tuple[Tensor, list[Tensor] | None]:
+        """The ``[K]`` task losses and, when they came as a mapping, the same K scalars separately
+        (the Gramian engine's two-stage product needs each task's own graph)."""
         if isinstance(out, Mapping):
             keys = set(out)
             if keys != set(self.task_names):
@@ -274,11 +279,12 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             for t, v in zip(self.task_names, losses, strict=True):
                 if not isinstance(v, Tensor) or v.numel() != 1:
                     raise ValueError(f"the loss of task {t!r} must be a scalar tensor, got {v!r}")
-            return torch.stack([v.reshape(()).float() for v in losses])
+            parts = [v.reshape(()).float() for v in losses]
+            return torch.stack(parts), parts
         if isinstance(out, Tensor):
             if out.ndim != 1 or out.shape[0] != len(self.task_names):
                 raise ValueError(f"{source} returned a tensor of shape {tuple(out.shape)}; expected [{len(self.task_names)}]")
-            return out.float()
+            return out.float(), None
         raise TypeError(f"a MultiTaskMixin {source} must return a mapping {{task: loss}} or a [K] tensor, "
                         f"got {type(out).__name__}")
 
@@ -294,11 +300,13 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         self._mtl_inside_step = True
         self._mtl_start_capture()
         self._mtl_gram_captured = use_gram = self.needs_jacobian and self.mtl_uses_gramian_engine
-        capture = self.mtl_gramian_engine.capture(self, self.shared_parameters(), len(self.task_names)) \
+        boundary = self.get_submodule(self._mtl_shared_module_name) \
+            if self._mtl_shared_module_name is not None else None  # type: ignore[attr-defined]
+        capture = self.mtl_gramian_engine.capture(self, self.shared_parameters(), len(self.task_names), boundary) \
             if use_gram else nullcontext()
         try:
             with capture:
-                losses = self._mtl_stack(user_step(self, *args, **kwargs))
+                losses, task_losses = self._mtl_split(user_step(self, *args, **kwargs))
         finally:
             self._mtl_inside_step = False
             reps = self._mtl_end_capture()
@@ -307,7 +315,8 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         if self._mtl_epoch_seen is not None and epoch != self._mtl_epoch_seen and isinstance(method, LossWeighting):
             method.on_epoch_end()
         self._mtl_epoch_seen = epoch
-        out = self._mtl_jacobian_step(losses, reps) if self.needs_jacobian else self._mtl_weighting_step(losses, reps)
+        out = self._mtl_jacobian_step(losses, reps, task_losses) if self.needs_jacobian \
+            else self._mtl_weighting_step(losses, reps)
         if self.mtl_step is not None and not self.mtl_step.skipped:
             self._mtl_skip_run = 0
         return out

@@ -152,9 +152,10 @@ class MultiTaskStep:
             return False
         return self._mtl_engine == "gramian" or isinstance(self.mtl_method, GramianAggregator)
 
-    def _mtl_jacobian_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
+    def _mtl_jacobian_step(self, losses: Tensor, reps: Sequence[Tensor] = (),
+                           task_losses: Sequence[Tensor] | None = None) -> Tensor | None:
         if self._mtl_gram_captured:
-            return self._mtl_gramian_step(losses, reps)
+            return self._mtl_gramian_step(losses, reps, task_losses)
         return self._mtl_exact_step(losses, reps)
 
     def _mtl_exact_step(self, losses: Tensor, reps: Sequence[Tensor] = (), retain: bool = False) -> Tensor | None:
@@ -224,7 +225,8 @@ class MultiTaskStep:
         return aggregate_nonzero_rows(self.mtl_method, jacobian, row_stat, gramian, self.task_names)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ the Gramian engine
-    def _mtl_gramian_step(self, losses: Tensor, reps: Sequence[Tensor] = ()) -> Tensor | None:
+    def _mtl_gramian_step(self, losses: Tensor, reps: Sequence[Tensor] = (),
+                          task_losses: Sequence[Tensor] | None = None) -> Tensor | None:
         """The step on the Gramian engine: ``G`` and ``J^T w`` without ``J`` (the first step is
         checked against the Jacobian engine, see :class:`~lightning_cost.GramianConfig`)."""
         engine = self.mtl_gramian_engine
@@ -233,12 +235,12 @@ class MultiTaskStep:
         scale = self._mtl_loss_scale()
         if not engine.verified:
             reference = compute_gramian(self.mtl_jacobian_engine.jacobian(losses, shared, scale=scale, retain=True))
-            result = engine.compute(losses, shared, others, reps, scale=scale, retain=True)
+            result = engine.compute(losses, shared, others, reps, scale=scale, retain=True, task_losses=task_losses)
             if not engine.check(result.gramian, reference.float()):
                 warn_rank_zero(log, "lightning_cost: %s", engine.disabled_reason)
                 return self._mtl_exact_step(losses, reps)
         else:
-            result = engine.compute(losses, shared, others, reps, scale=scale)
+            result = engine.compute(losses, shared, others, reps, scale=scale, task_losses=task_losses)
         return self._mtl_gramian_update(losses, reps, result, shared, others)
 
     def _mtl_gramian_update(self, losses: Tensor, reps: Sequence[Tensor], result: GramianStep,

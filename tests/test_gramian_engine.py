@@ -243,3 +243,97 @@ def test_ddp_gramian_is_the_global_one_on_both_ranks(run_ddp):
         torch.testing.assert_close(g0, j @ j.T, rtol=1e-5, atol=1e-6)
     for a, b in zip(r0["params"], r1["params"], strict=True):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------- two stages (heads, then trunk)
+def check_two_stage(trunk, heads, x, k, head=None, path="auto", reps=False, rtol=1e-5):
+    """G, J^T w, the heads' and the representation's per-task gradients from the engine with separate
+    task losses vs the loop Jacobian of the same losses; returns the engine's ``split``."""
+    g = torch.Generator().manual_seed(1)
+    ys = [torch.randn(x.shape[0], generator=g) for _ in range(k)]
+    shared = [p for p in trunk.parameters() if p.requires_grad]
+    others = [p for h in heads for p in h.parameters()]
+    engine = GramianEngine(GramianConfig(path=path, verify=False))
+    head = head or (lambda i, z: heads[i](z).squeeze(-1))
+    with engine.capture(trunk, shared, k, boundary=trunk):
+        z = trunk(x)
+        parts = [F.mse_loss(head(i, z), y) for i, y in enumerate(ys)]
+    losses = torch.stack(parts)
+    marked = [z] if reps else []
+    ref = JacobianEngine("loop").vjps(losses, [*shared, *others, *marked], retain=True)
+    jac = JacobianEngine.assemble(ref[: len(shared)], shared, k).double()
+    step = engine.compute(losses, shared, others, marked, task_losses=parts)
+    size = (jac @ jac.T).abs().max()
+    assert float((step.gramian.double() - jac @ jac.T).abs().max() / size) <= rtol
+    w = torch.rand(k, generator=g) - 0.3
+    expected = w.double() @ jac
+    assert float((step.combine(w).double() - expected).abs().max() / expected.abs().max()) <= rtol
+    for got, want in zip([*step.other_grads, *step.rep_grads], ref[len(shared):], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    return engine.split
+
+
+@pytest.mark.parametrize("path", ["gram", "explicit"])
+@pytest.mark.parametrize("k", [2, 12, 40])
+def test_two_stages_give_g_the_update_and_the_head_gradients(path, k):
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(inplace=True), nn.Linear(32, 16),
+                          nn.ReLU(inplace=True))
+    split = check_two_stage(trunk, heads_for(16, k), torch.randn(24, 64), k, path=path, reps=True)
+    assert split.startswith("two stages")
+
+
+def test_two_stages_on_convolutions():
+    from benchmarks.perf.bench import lenet_parts
+
+    torch.manual_seed(0)
+    trunk, _ = lenet_parts(3)
+    width = trunk(torch.zeros(2, 1, 28, 28)).shape[1]
+    assert check_two_stage(trunk, heads_for(width, 3), torch.randn(8, 1, 28, 28), 3, path="gram").startswith("two")
+
+
+def test_a_head_reading_a_trunk_feature_keeps_one_stage_and_stays_exact():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 6))
+    heads = heads_for(6, 3)
+    feature = {}
+    trunk[2].register_forward_hook(lambda m, a, out: feature.update(h=out))  # a skip connection around layer 3
+    skip = nn.Linear(10, 6)
+    split = check_two_stage(trunk, heads, torch.randn(16, 12), 3, head=lambda i, z: heads[i](z + skip(feature["h"])).squeeze(-1))
+    assert split.startswith("one stage (a task loss reaches")
+
+
+def test_a_shared_parameter_used_in_a_head_keeps_one_stage_and_stays_exact():
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Linear(12, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 10))
+    heads = heads_for(10, 3)
+    bn = trunk[1].weight  # the explicit path's autograd sees this use; the cut at the trunk's output does not
+    split = check_two_stage(trunk, heads, torch.randn(16, 12), 3, head=lambda i, z: heads[i](z * bn).squeeze(-1))
+    assert split.startswith("one stage (a task loss reaches")
+
+
+def test_stacked_losses_and_repeated_calls_take_one_stage_and_say_why():
+    torch.manual_seed(0)
+    trunk, heads, x = nn.Sequential(nn.Linear(12, 8), nn.ReLU()), heads_for(8, 2), torch.randn(16, 12)
+    shared = list(trunk.parameters())
+    engine = GramianEngine(GramianConfig(verify=False))
+    with engine.capture(trunk, shared, 2, boundary=trunk):
+        losses = torch.stack([h(trunk(x)).pow(2).mean() for h in heads])  # the trunk is called twice
+    engine.compute(losses, shared, [], task_losses=list(losses.unbind()))
+    assert engine.split == "one stage (the shared module was called 2 times, not once)"
+    with engine.capture(trunk, shared, 2, boundary=trunk):
+        z = trunk(x)
+        losses = torch.stack([h(z).pow(2).mean() for h in heads])
+    engine.compute(losses, shared, [])
+    assert engine.split.startswith("one stage (the task losses came as one stacked tensor")
+    off = GramianEngine(GramianConfig(verify=False, two_stage=False))
+    with off.capture(trunk, shared, 2, boundary=trunk):
+        z = trunk(x)
+        parts = [h(z).pow(2).mean() for h in heads]
+    off.compute(torch.stack(parts), shared, [], task_losses=parts)
+    assert off.split == "one stage (two_stage=False)"
+
+
+def test_the_mixin_takes_two_stages_for_a_mapping_of_losses():
+    model = one_step_direction("mgda", "gramian")
+    assert model.mtl_gramian_engine.split.startswith("two stages")

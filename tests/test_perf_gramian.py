@@ -11,6 +11,7 @@ def test_quick_benchmark_times_every_method_on_both_engines(tmp_path):
     mlp = results["setups"][0]
     assert mlp["kind"] == "tox21mlp" and mlp["paths"]["trunk.0"] == "gram"
     for method in gramian.METHODS:
-        for engine in ("jacobian", "gramian"):
+        for engine in ("jacobian", "gramian", "gramian_1st"):
             assert mlp["methods"][method][engine]["ratio_vs_ls"] > 0
     assert "Gramian engine paths" in (tmp_path / "gramian.txt").read_text()
+    assert mlp["split"].startswith("two stages")

@@ -125,13 +125,16 @@ class BenchMTL(MultiTaskMixin, L.LightningModule):
         self.trunk, self.heads, self.lr = trunk, heads, lr
         self.configure_multitask([f"t{i}" for i in range(len(heads))], shared=self.trunk, method=method, **multitask)
 
-    def task_losses(self, batch: Any) -> Tensor:
+    def task_loss_list(self, batch: Any) -> list[Tensor]:
         x, y = batch
         z = self.trunk(x)
-        return torch.stack([F.cross_entropy(h(z), y[:, i]) for i, h in enumerate(self.heads)])
+        return [F.cross_entropy(h(z), y[:, i]) for i, h in enumerate(self.heads)]
+
+    def task_losses(self, batch: Any) -> Tensor:
+        return torch.stack(self.task_loss_list(batch))
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
-        return self.task_losses(batch)
+        return dict(zip(self.task_names, self.task_loss_list(batch), strict=True))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -11,6 +11,8 @@ before, between and after the methods), with
 
 * ``jacobian``: the mixin on the Jacobian engine (``engine="jacobian"``, ``J`` formed),
 * ``gramian``: the mixin on the Gramian engine (``engine="gramian"``, the default for these methods),
+* ``gramian_1st``: the same with ``two_stage=False`` (one batched product with the K one-hot rows
+  through every head, instead of one product per head and then one batched product through the trunk),
 * ``torchjd``: TorchJD's ``autogram.Engine`` over the trunk (``batch_dim=None``: BatchNorm forbids a
   batch dimension) and the matching weighting, then ``losses.backward(w)`` (Nash-MTL has no
   Gramian weighting there and is left out),
@@ -33,7 +35,10 @@ from benchmarks.common import quiet, text_table
 from benchmarks.perf.bench import RssPeak, build, dataset
 
 METHODS = ("fairgrad", "mgda", "cagrad", "nashmtl", "pcgrad")
-ENGINES = ("jacobian", "gramian", "torchjd")
+ENGINES = ("jacobian", "gramian", "gramian_1st", "torchjd")
+#: the mixin settings of each of our engines
+OURS = {"jacobian": {"engine": "jacobian"}, "gramian": {"engine": "gramian"},
+        "gramian_1st": {"engine": "gramian", "gramian": {"two_stage": False}}}
 #: (model, K, batch) as the engine's targets name them
 SETUPS = (("tox21mlp", 12, 128), ("tox21mlp", 12, 256), ("tox21mlp", 40, 128), ("tox21mlp", 40, 256),
           ("lenet", 2, 256), ("resnet18", 3, 8), ("resnet18", 10, 8))
@@ -56,7 +61,7 @@ def batch_for(kind: str, k: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ours_step(kind: str, k: int, method: str, engine: str | None, batch: Any) -> Callable[[], None]:
-    model = build(kind, k, method, **({} if engine is None else {"engine": engine}))
+    model = build(kind, k, method, **({} if engine is None else OURS[engine]))
     model.train()
     opt = model.configure_optimizers()
 
@@ -108,6 +113,7 @@ def bench_setup(kind: str, k: int, bs: int, reps: int, warmup: int, log: Callabl
     ls_runs = [measure(ours_step(kind, k, "ls", None, batch), reps, warmup)]
     rows: dict[str, Any] = {}
     paths: dict[str, str] = {}
+    split = ""
     for i, method in enumerate(METHODS):
         rows[method] = {}
         for engine in ENGINES:
@@ -117,6 +123,7 @@ def bench_setup(kind: str, k: int, bs: int, reps: int, warmup: int, log: Callabl
             rows[method][engine] = measure(step, reps, warmup)
             if engine == "gramian":
                 paths = step.model.mtl_gramian_engine.paths()  # type: ignore[attr-defined]
+                split = step.model.mtl_gramian_engine.split  # type: ignore[attr-defined]
         if i == len(METHODS) // 2:
             ls_runs.append(measure(ours_step(kind, k, "ls", None, batch), reps, warmup))
         log(f"  {kind} K={k} B={bs} {method}: " + ", ".join(f"{e} {r['step_ms']:.0f} ms" for e, r in rows[method].items()))
@@ -126,7 +133,8 @@ def bench_setup(kind: str, k: int, bs: int, reps: int, warmup: int, log: Callabl
         for r in per_engine.values():
             r["ratio_vs_ls"] = r["step_ms"] / ls_ms
     return {"kind": kind, "K": k, "batch": bs, "ls_ms": ls_ms, "ls_runs_ms": [r["step_ms"] for r in ls_runs],
-            "ls_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ls_runs), "methods": rows, "paths": paths}
+            "ls_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ls_runs), "methods": rows, "paths": paths,
+            "split": split}
 
 
 def _cell(per: dict[str, Any], engine: str, key: str, fmt: str) -> str:
@@ -139,7 +147,7 @@ def report(results: dict[str, Any]) -> str:
     rows = []
     for r in results["setups"]:
         for method, per in r["methods"].items():
-            j, g, t = (per.get(e, {}).get("step_ms") for e in ENGINES)
+            j, g, t = (per.get(e, {}).get("step_ms") for e in ("jacobian", "gramian", "torchjd"))
             rows.append([r["kind"], r["K"], r["batch"], f"{r['ls_ms']:.1f}", method,
                          *(_cell(per, e, "ratio_vs_ls", ".2f") for e in ENGINES),
                          *(_cell(per, e, "peak_rss_mb", ".0f") for e in ENGINES),
@@ -148,7 +156,7 @@ def report(results: dict[str, Any]) -> str:
     for r in results["setups"]:
         gram = sorted(n for n, p in r["paths"].items() if p == "gram")
         lines.append(f"  {r['kind']} K={r['K']} B={r['batch']}: gram {gram or 'none'}; "
-                     f"{sum(1 for p in r['paths'].values() if p != 'gram')} other modules explicit")
+                     f"{sum(1 for p in r['paths'].values() if p != 'gram')} other modules explicit; {r.get('split', '')}")
     return "\n".join(lines)
 
 
