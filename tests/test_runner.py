@@ -530,9 +530,10 @@ def test_verdict_from_fabricated_folders(tmp_path: Path) -> None:
     verdict = json.loads((out / "verdict.json").read_text())
     assert set(verdict) == {"datasets"} and set(verdict["datasets"]) == {"multimnist", "birds"}
     mm = verdict["datasets"]["multimnist"]
-    assert set(mm) == {"stl", "rows"} and mm["stl"] == stl
-    keys = {"method", "cost", "seeds", "delta_m_mean", "delta_m_ci95", "mr", "paired_vs_base_mean",
-            "paired_vs_base_ci95", "teleports_per_run", "trigger_ratio", "time_ratio_vs_base"}
+    assert set(mm) == {"stl", "margin", "rows"} and mm["stl"] == stl and mm["margin"] is None
+    keys = {"method", "cost", "control_of", "seeds", "delta_m_mean", "delta_m_ci95", "mr", "paired_vs_base_mean",
+            "paired_vs_base_ci95", "paired_vs_control_mean", "paired_vs_control_ci95", "margin", "teleports_per_run",
+            "teleports_before_best", "trigger_ratio", "time_ratio_vs_base", "outcome"}
     assert all(set(r) == keys for d in verdict["datasets"].values() for r in d["rows"])
     by = {(r["method"], r["cost"]): r for r in mm["rows"]}
     # paper: accuracy x0.95/0.97/0.94 vs base x0.90/0.91/0.89, so Delta-m% drops by (5, 6, 5) points
@@ -540,10 +541,13 @@ def test_verdict_from_fabricated_folders(tmp_path: Path) -> None:
     assert by[("fairgrad", "paper")]["paired_vs_base_ci95"][1] < 0
     assert by[("fairgrad", "authors")]["paired_vs_base_ci95"][0] > 0
     assert by[("fairgrad", "paper")]["time_ratio_vs_base"] == pytest.approx(1.2)
-    assert by[("fairgrad", "none")]["paired_vs_base_mean"] is None and by[("fairgrad", "none")]["seeds"] == [0, 1, 2]
+    assert by[("fairgrad", "none")]["paired_vs_base_mean"] is None and by[("fairgrad", "none")]["seeds"] == 3
     assert by[("fairgrad", "paper")]["trigger_ratio"] == {"majority": 0.0, "any": 0.25}
     assert verdict["datasets"]["birds"]["stl"] == {"x/auroc": 0.7, "y/auroc": None}
     md = (out / "VERDICT.md").read_text()
-    assert "multimnist: COST helps for fairgrad + COST (paper); hurts for fairgrad + COST (authors); " \
-           "inconclusive for fairgrad + COST (rescale); never fires for cagrad + COST (paper)." in md
+    # no matched control: a row below its base is inconclusive, never "helps"
+    assert by[("fairgrad", "paper")]["outcome"] == "inconclusive"
+    assert "multimnist: COST hurts for fairgrad + COST (authors); never acted for cagrad + COST (paper) (in none " \
+           "of its 3 runs); inconclusive for fairgrad + COST (paper) (below its base, but no matched control yet), " \
+           "fairgrad + COST (rescale)." in md and "'no effect' cannot be concluded" in md
     assert "## birds" in md and "ROC-AUC undefined in the test split" in md and "for y" in md

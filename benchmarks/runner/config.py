@@ -10,6 +10,7 @@ runs without a second set of baselines.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -18,10 +19,28 @@ from typing import Any
 
 from benchmarks.runner.variants import DEFAULT_COST_VARIANTS, cost_spec, deep_merge, parse_cost
 
-__all__ = ["RESULTS_ENV_VAR", "DICT_OPTIONS", "RunnerConfig", "build_parser", "config_from_argv", "default_out"]
+__all__ = ["RESULTS_ENV_VAR", "DICT_OPTIONS", "VerdictMargin", "RunnerConfig", "build_parser", "config_from_argv", "default_out"]
 
 RESULTS_ENV_VAR = "LIGHTNING_COST_RESULTS"
 DICT_OPTIONS = ("data_kw", "model_kw", "method_kw", "cost_kw", "cost_variants")
+
+
+@dataclass(frozen=True)
+class VerdictMargin:
+    """The equivalence margin of a data set's verdict: ``delta`` in Delta-m% points (a COST row whose
+    paired interval against its base lies inside ``[-delta, delta]`` has "no effect") and ``why``,
+    the justification, written in the config before the grid runs
+    (:func:`benchmarks.runner.verdict.propose_margin` proposes one)."""
+
+    delta: float
+    why: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.delta, (int, float)) or not math.isfinite(self.delta) or self.delta <= 0:
+            raise ValueError(f"verdict_margin.delta must be a finite number > 0 (Delta-m% points), got {self.delta!r}")
+        if not isinstance(self.why, str) or not self.why.strip():
+            raise ValueError("verdict_margin.why must say how the margin was chosen")
+        object.__setattr__(self, "delta", float(self.delta))
 
 
 @dataclass
@@ -32,7 +51,9 @@ class RunnerConfig:
     the COST rows and their base rows (the ``none`` runs of ``cost_methods``), which are paired seed
     by seed. ``epochs`` is the most epochs a run trains; with ``patience`` set, a run stops once
     ``val/score`` has not improved by ``min_delta`` for that many epochs. The budget is the same for
-    single-task baselines and multi-task runs.
+    single-task baselines and multi-task runs. ``verdict_margin`` (a :class:`VerdictMargin` or its
+    dict; ``None``: "no effect" is never concluded) changes no run, only the verdict. A preset of
+    ``cost_variants`` with the key ``control_of: <preset>`` is the matched control of that preset.
     """
 
     dataset: str = "multimnist"
@@ -64,6 +85,7 @@ class RunnerConfig:
     rerun: bool = False
     report_only: bool = False
     keep_checkpoints: bool = False
+    verdict_margin: VerdictMargin | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from lightning_cost.aggregators import aggregator_class
@@ -84,6 +106,25 @@ class RunnerConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.batch_size is not None:
             self.data_kw = {**self.data_kw, "batch_size": self.batch_size}
+        if isinstance(self.verdict_margin, dict):
+            extra = set(self.verdict_margin) - {"delta", "why"}
+            if extra:
+                raise ValueError(f"verdict_margin takes delta and why, not {', '.join(sorted(extra))}")
+            self.verdict_margin = VerdictMargin(**self.verdict_margin)
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        """``control_of`` names another preset that is no control itself; one control per preset."""
+        seen: dict[str, str] = {}
+        for name in self.cost_variants:
+            of = self.control_of(name)
+            if of is None:
+                continue
+            if of == name or of not in self.cost_variants or self.control_of(of) is not None:
+                raise ValueError(f"COST variant {name!r}: control_of {of!r} must name another preset that is not a control")
+            if of in seen:
+                raise ValueError(f"COST variant {of!r} has two controls: {seen[of]!r} and {name!r}")
+            seen[of] = name
 
     # ------------------------------------------------------------------ derived
     def has_cost(self, method: str) -> bool:
@@ -103,6 +144,11 @@ class RunnerConfig:
                 if c == "none" or self.has_cost(m):
                     out += [(m, c, s) for s in self.seeds_for(m, c)]
         return out
+
+    def control_of(self, cost: str) -> str | None:
+        """The preset that COST variant ``cost`` is the matched control of (``None``: not a control)."""
+        preset = self.cost_variants.get(cost)
+        return preset.get("control_of") if isinstance(preset, dict) else None
 
     def spec(self, cost: str) -> dict[str, Any] | None:
         """The callback arguments of COST variant ``cost`` (``None`` for ``none``)."""
@@ -167,6 +213,8 @@ def build_parser():
     p.add_argument("--rerun", type=bool, default=False, help="re-run runs whose results exist")
     p.add_argument("--report-only", type=bool, default=False, help="only rebuild the tables")
     p.add_argument("--keep-checkpoints", type=bool, default=False)
+    p.add_argument("--verdict-margin", type=dict | None, default=None,
+                   help='the verdict\'s equivalence margin: {"delta": <Delta-m%% points>, "why": "<how it was chosen>"}')
     p.add_argument("--verdict", type=str | None, nargs="+", default=None,
                    help="collect these finished result folders into a verdict and exit")
     p.add_argument("--verdict-out", type=str, default="docs/results/verdict")

@@ -1,14 +1,17 @@
 """The grid: single-task baselines and every ``(method, COST variant, seed)``, cached run by run.
 
 Files under ``<out>``: ``baselines/<task>__seed<s>.json`` and ``runs/<method>__cost-<variant>__seed<s>.json``,
-then the reports (:mod:`benchmarks.runner.report`). A run whose JSON exists with the same cache key is
-skipped; the key holds every setting that changes the run and the sha256 of the data file(s)
-(:func:`data_fingerprint`), so an edited data file re-runs everything that read it.
+then the reports (:mod:`benchmarks.runner.report`) and ``verdict_config.json`` (what the verdict,
+:mod:`benchmarks.runner.verdict`, reads from the config: the equivalence margin). A run whose JSON
+exists with the same cache key is skipped; the key holds every setting that changes the run and the
+sha256 of the data file(s) (:func:`data_fingerprint`), so an edited data file re-runs everything that
+read it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import sys
@@ -19,7 +22,7 @@ from typing import Any
 from benchmarks.common import load_json, write_json
 from benchmarks.runner.config import RunnerConfig, default_out
 
-__all__ = ["Job", "data_fingerprint", "plan_jobs", "run_benchmark", "fingerprint", "out_dir"]
+__all__ = ["Job", "data_fingerprint", "plan_jobs", "run_benchmark", "fingerprint", "out_dir", "write_verdict_config"]
 
 #: bumped when a run's record or protocol changes, so that older results are not reused
 PROTOCOL = 2
@@ -132,13 +135,21 @@ def _run_jobs(todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path
                         ckpt_dir=out / "ckpt" / job.path.stem, label=label)
         res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
                     "config_hash": fingerprint(job.key),
-                    **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost})})
+                    **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost,
+                                                             "control_of": cfg.control_of(job.cost)})})
         write_json(job.path, res)
         console.print(f"  done in {res['wall_time_s']:.1f}s, {res['epochs_run']} epochs (best {res['best_epoch']}): "
                       "test " + ", ".join(f"{k}={v:.4f}" for k, v in res["test"].items())
                       + (f", teleports={res['teleports']}" if job.cost != "none" else ""))
     with contextlib.suppress(OSError):  # each run removed its own; another grid may still be writing here
         (out / "ckpt").rmdir()
+
+
+def write_verdict_config(cfg: RunnerConfig, out: Path) -> None:
+    """``<out>/verdict_config.json``: the config's ``verdict_margin`` (``null`` without one), written by
+    every call of the grid (``--report-only`` too): it changes no run, so it is not in the cache key."""
+    margin = cfg.verdict_margin
+    write_json(out / "verdict_config.json", {"verdict_margin": dataclasses.asdict(margin) if margin else None})
 
 
 def run_benchmark(cfg: RunnerConfig) -> dict[str, Any]:
@@ -166,4 +177,5 @@ def run_benchmark(cfg: RunnerConfig) -> dict[str, Any]:
     bases = [r for j in jobs if j.kind == "baseline" and (r := load_json(j.path)) is not None]
     summary = summarize(runs, bases, title)
     write_reports(summary, out, console)
+    write_verdict_config(cfg, out)
     return summary

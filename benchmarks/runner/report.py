@@ -38,7 +38,10 @@ def _ci(lo_hi: Sequence[float], digits: int = 2) -> str:
     return f"[{lo:.{digits}f}, {hi:.{digits}f}]" if math.isfinite(lo) and math.isfinite(hi) else "—"
 
 
-def row_label(method: str, cost: str) -> str:
+def row_label(method: str, cost: str, control_of: str | None = None) -> str:
+    """``fairgrad``, ``fairgrad + COST (paper)``, or for a matched control ``fairgrad + paper (control: null)``."""
+    if control_of:
+        return f"{method} + {control_of} (control: {cost})"
     return method if cost == "none" else f"{method} + COST ({cost})"
 
 
@@ -54,7 +57,7 @@ def summary_columns(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]
                      str(len({r["seed"] for r in summary["baseline_rows"]}))])
     for a in summary["agg"]:
         n, p = a["n"], a["paired"] or {}
-        body.append([row_label(a["method"], a["cost"]), _ms(a["delta_m"], 2, n), _ci(a["delta_m_ci95"]),
+        body.append([row_label(a["method"], a["cost"], a.get("control_of")), _ms(a["delta_m"], 2, n), _ci(a["delta_m_ci95"]),
                      _num(p.get("mean", float("nan"))), _ci(p.get("ci95", (float("nan"),) * 2)), _num(a["mr"]),
                      _ms(a["epochs_run"], 1, n), _ms(a["wall_time_s"], 1, n), _num(p.get("time_ratio", float("nan"))),
                      _ms(a["teleports"], 1, n), _ms(a["grad_norm_ratio"], 3, n, "—"),
@@ -70,7 +73,7 @@ def metric_columns(summary: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     if summary["baseline_rows"]:
         body.append(["STL (single-task)"] + [_ms((summary["baseline"][k], 0.0)) for k in metrics])
     for a in summary["agg"]:
-        body.append([row_label(a["method"], a["cost"])] + [_ms(a[k], 4, a["n"]) for k in metrics])
+        body.append([row_label(a["method"], a["cost"], a.get("control_of"))] + [_ms(a[k], 4, a["n"]) for k in metrics])
     return header, body
 
 
@@ -138,8 +141,8 @@ def write_reports(summary: dict[str, Any], out: Path, console: Any = None) -> No
     out.mkdir(parents=True, exist_ok=True)
     metrics = summary["metrics"]
     _write_csv(out / "runs.csv", ["dataset", "method", "cost", "seed", *metrics, "delta_m", "best_epoch", "epochs_run",
-                                  "wall_time_s", "teleports", *(f"trigger_ratio_{r}" for r in RULES),
-                                  *EFFECT_KEYS], summary["rows"])
+                                  "wall_time_s", "teleports", "teleports_before_best",
+                                  *(f"trigger_ratio_{r}" for r in RULES), *EFFECT_KEYS], summary["rows"])
     _write_csv(out / "baselines.csv", ["dataset", "task", "seed", *metrics, "best_epoch", "epochs_run", "wall_time_s"],
                summary["baseline_rows"])
     (out / "table.md").write_text(_markdown(summary))

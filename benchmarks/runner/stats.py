@@ -17,7 +17,8 @@ import numpy as np
 from benchmarks.common import finite_mean, finite_median
 from benchmarks.conflicts import RULES
 
-__all__ = ["t_interval", "mean_std", "run_delta_m", "paired_difference", "teleport_effect", "summarize"]
+__all__ = ["t_interval", "mean_std", "run_delta_m", "paired_difference", "teleport_effect", "teleports_before_best",
+           "summarize"]
 
 
 def t_interval(xs: Sequence[float], level: float = 0.95) -> tuple[float, float]:
@@ -83,6 +84,16 @@ def teleport_effect(history: list[dict[str, Any]]) -> dict[str, float]:
     }
 
 
+def teleports_before_best(history: list[dict[str, Any]], best_epoch: int | None, teleports: int = 0) -> int | None:
+    """Accepted teleports applied before the selected checkpoint: those of the best validation epoch
+    or earlier (validation, and so the checkpoint, ends an epoch; a record's ``epoch`` is the epoch it
+    was applied in). ``None`` where it cannot be told: no best epoch, or ``teleports`` acts that left
+    no records (a control) or records without their epoch."""
+    if best_epoch is None or best_epoch < 0 or (teleports and not history) or any("epoch" not in h for h in history):
+        return None
+    return sum(1 for h in history if h.get("accepted") and h["epoch"] <= best_epoch)
+
+
 def _run_row(r: dict[str, Any], metrics: list[str], base: dict[str, float], hib: dict[str, bool],
              has_baselines: bool) -> dict[str, Any]:
     row = {"dataset": r["dataset"], "method": r["method"], "cost": r["cost"], "seed": r["seed"]}
@@ -90,14 +101,24 @@ def _run_row(r: dict[str, Any], metrics: list[str], base: dict[str, float], hib:
     row.update({
         "delta_m": run_delta_m(r["test"], base, hib) if has_baselines else float("nan"),
         "best_epoch": r.get("best_epoch"), "epochs_run": r.get("epochs_run"), "wall_time_s": r["wall_time_s"],
-        "teleports": r["teleports"], **{f"trigger_ratio_{rule}": r.get(f"trigger_ratio_{rule}") for rule in RULES},
+        "teleports": r["teleports"], "control_of": _control_of(r),
+        "teleports_before_best": r["teleports_before_best"] if "teleports_before_best" in r else
+        teleports_before_best(r.get("teleport_history") or [], r.get("best_epoch"), r["teleports"]),
+        **{f"trigger_ratio_{rule}": r.get(f"trigger_ratio_{rule}") for rule in RULES},
         **teleport_effect(r.get("teleport_history") or []),
     })
     return row
 
 
+def _control_of(r: dict[str, Any]) -> str | None:
+    """The variant a run's COST variant is the matched control of (older records: from its cache key)."""
+    if "control_of" in r:
+        return r["control_of"]
+    return ((r.get("config") or {}).get("cost_spec") or {}).get("control_of")
+
+
 EFFECT_KEYS = ("grad_norm_ratio", "min_cos_change", "loss_drift")
-_AGG_KEYS = ("delta_m", "wall_time_s", "teleports", "epochs_run", *(f"trigger_ratio_{rule}" for rule in RULES),
+_AGG_KEYS = ("delta_m", "wall_time_s", "teleports", "teleports_before_best", "epochs_run", *(f"trigger_ratio_{rule}" for rule in RULES),
              *EFFECT_KEYS)
 
 
@@ -107,9 +128,12 @@ def _aggregate(rows: list[dict[str, Any]], metrics: list[str]) -> list[dict[str,
         groups.setdefault((row["method"], row["cost"]), []).append(row)
     agg = []
     for (m, c), rs in groups.items():
-        a: dict[str, Any] = {"method": m, "cost": c, "n": len(rs), "seeds": sorted(r["seed"] for r in rs)}
+        a: dict[str, Any] = {"method": m, "cost": c, "n": len(rs), "seeds": sorted(r["seed"] for r in rs),
+                             "control_of": rs[0]["control_of"]}
         for k in metrics + list(_AGG_KEYS):
             a[k] = mean_std([x[k] for x in rs])
+        known = [x["teleports_before_best"] for x in rs if x["teleports_before_best"] is not None]
+        a["teleports_before_best_known"], a["runs_acted_before_best"] = len(known), sum(1 for t in known if t > 0)
         a["delta_m_ci95"] = t_interval([x["delta_m"] for x in rs])
         base = groups.get((m, "none")) if c != "none" else None
         a["paired"] = paired_difference(rs, base) if base else None

@@ -29,6 +29,7 @@ import torch
 from benchmarks.common import quiet
 from benchmarks.conflicts import RULES, ConflictCounter
 from benchmarks.runner.config import RunnerConfig
+from benchmarks.runner.stats import teleports_before_best
 from benchmarks.runner.variants import build_teleport, teleport_counts, teleport_records
 from lightning_cost import TrainingStalledError
 
@@ -175,7 +176,8 @@ def train_one(dm: Any, cfg: RunnerConfig, *, seed: int, method: str = "ls", cost
 
 def _result(curve: ValidationCurve, counter: ConflictCounter, teleport: Any, directions: dict[str, bool],
             tested: dict[str, Any]) -> dict[str, Any]:
-    """The run's record: test metrics, validation curves with the per-epoch trigger ratios, teleports."""
+    """The run's record: test metrics, validation curves with the per-epoch trigger ratios, teleports
+    (and how many of them came before the selected checkpoint, which is what the test measures)."""
     per_epoch = {e["epoch"]: e for e in counter.per_epoch()}
     epochs = [{**e, **{k: v for k, v in per_epoch.get(e["epoch"], {}).items() if k != "epoch"}} for e in curve.epochs]
     best = curve.best()
@@ -192,6 +194,7 @@ def _result(curve: ValidationCurve, counter: ConflictCounter, teleport: Any, dir
         **{f"trigger_ratio_{rule}": counter.ratio(rule) for rule in RULES},
         "teleports": accepted,
         "rejected_teleports": rejected,
+        "teleports_before_best": teleports_before_best(history, int(best.get("epoch", -1)), accepted),
         "teleport_seconds": float(sum(_number(h.get("seconds", 0.0)) for h in history)),
         "teleport_history": history,
     }
