@@ -233,3 +233,20 @@ def test_cagrad_closes_its_duality_gap_when_one_task_is_scaled(seed: int, scale:
     primal = float((j @ d).min())
     dual = float(u @ (j @ g0) + radius * np.linalg.norm(u @ j))
     assert dual - primal <= 1e-9 * np.abs(j @ g0).max(), (primal, dual)
+
+
+@pytest.mark.parametrize("k", [3, 12, 40])
+def test_min_norm_warm_start_reaches_the_cold_start_optimum(k):
+    """A start support (good, wrong, or not affinely independent) changes the path, not the optimum."""
+    import numpy as np
+
+    from lightning_cost.aggregators._common import min_norm_weights
+
+    rng = np.random.default_rng(k)
+    for trial in range(5):
+        jac = rng.standard_normal((k, 30)) + (0.3 if trial % 2 else -0.1)
+        g = jac @ jac.T
+        cold = min_norm_weights(g)
+        for start in (np.flatnonzero(cold), rng.choice(k, size=min(k, 3), replace=False), range(k), [0, 0]):
+            warm = min_norm_weights(g, start=list(start))
+            assert np.abs(warm @ jac - cold @ jac).max() <= 1e-9 * np.abs(cold @ jac).max() + 1e-12

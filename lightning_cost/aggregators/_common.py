@@ -87,7 +87,8 @@ def _affine_min_norm(gramian: np.ndarray, support: Sequence[int]) -> np.ndarray:
     return eta * inv
 
 
-def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | None = None) -> np.ndarray:
+def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | None = None,
+                     start: Sequence[int] | None = None) -> np.ndarray:
     """``argmin_{w in simplex} w^T G w`` by Wolfe's (1976) min-norm-point algorithm.
 
     An exact active-set method that touches the points only through their inner
@@ -101,6 +102,10 @@ def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | No
     magnitude of the terms of ``x . x``, i.e. its rounding scale). It is relative to the current
     point, not to the largest gradient, so a task whose gradient is many orders of magnitude
     larger than the others' does not end the search while the small ones are far from optimal.
+
+    ``start``: a support to start from (e.g. the previous solve's, for a nearby Gramian), used when
+    its affine min-norm point lies inside the simplex (Wolfe's invariant), else the usual start; the
+    optimum is the same, fewer major cycles are needed when the support has not changed.
     """
     k = gramian.shape[0]
     # (ndarray methods rather than the np.* wrappers: the same operations, less per-call overhead)
@@ -110,10 +115,7 @@ def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | No
     g = gramian / scale
     magnitude = np.abs(g)
     max_iter = 50 * k + 50 if max_iter is None else max_iter
-    first = int(g.diagonal().argmin())
-    support = [first]
-    lam = np.zeros(k)
-    lam[first] = 1.0
+    lam, support = _start(g, start, tol)
     for _ in range(max_iter):
         g_lam = g @ lam
         j = int(g_lam.argmin())
@@ -123,6 +125,21 @@ def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | No
         support.append(j)
         lam, support = _minor_cycle(g, lam, support, tol)
     raise AggregationError(f"min-norm solver did not converge in {max_iter} iterations (K={k})")
+
+
+def _start(g: np.ndarray, start: Sequence[int] | None, tol: float) -> tuple[np.ndarray, list[int]]:
+    """The first corral: ``start``'s affine min-norm point if it lies inside the simplex, else the
+    vertex of least norm."""
+    lam = np.zeros(g.shape[0])
+    if start is not None and len(start) > 0:
+        support = sorted(set(int(i) for i in start))
+        mu = _affine_min_norm(g, support)
+        if np.isfinite(mu).all() and (mu > tol).all():
+            lam[support] = mu / mu.sum()
+            return lam, support
+    first = int(g.diagonal().argmin())
+    lam[first] = 1.0
+    return lam, [first]
 
 
 def _minor_cycle(g: np.ndarray, lam: np.ndarray, support: list[int], tol: float) -> tuple[np.ndarray, list[int]]:

@@ -74,11 +74,13 @@ class CAGrad(GramianAggregator):
         hi = float(np.sqrt(np.max(np.diag(g))))
         if s > 0.0 and hi > 0.0:
             ones = np.ones(k)
+            last: list[int] = []  # the previous solve's support: Brent's nearby t rarely change it
 
             def inner(t: float) -> tuple[np.ndarray, float]:
                 a = t / s
                 shifted = g + a * (np.outer(b, ones) + np.outer(ones, b)) + a * a * g0_sq
-                w = min_norm_weights(shifted)
+                w = min_norm_weights(shifted, start=last)
+                last[:] = np.flatnonzero(w).tolist()
                 return w, float(np.sqrt(max(w @ g @ w, 0.0)))
 
             eps = (
