@@ -246,17 +246,28 @@ def test_multimnist_tiny_run_cache_curves_and_trigger_ratios(tmp_path: Path, cap
 
 def test_cost_run_that_never_teleports_equals_its_base_run(tmp_path: Path) -> None:
     """Paired seeds: same initialisation, same data order, so a COST run whose trigger stays silent is
-    the base run, bit for bit (weights, validation curve, test metrics)."""
+    the base run, bit for bit (weights, validation curve, test metrics), and the runner derives it."""
     _need("mnist.npz")
     out = tmp_path / "pair"
-    runner.main(["--dataset", "multimnist", "--methods", "fairgrad", "--cost", "none,paper", "--cost-variants",
-                 '{"paper": {}}', "--seeds", "3", "--epochs", "2", "--threads", "1", "--progress", "false",
-                 "--baselines", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM)])
+    argv = ["--dataset", "multimnist", "--methods", "fairgrad", "--cost", "none,paper", "--cost-variants",
+            '{"paper": {}}', "--seeds", "3", "--epochs", "2", "--threads", "1", "--progress", "false",
+            "--baselines", "false", "--data-kw", json.dumps(TINY_MM)]
+    runner.main([*argv, "--out", str(out), "--derive-silent", "false"])
     base = json.loads((out / "runs" / "fairgrad__cost-none__seed3.json").read_text())
     cost = json.loads((out / "runs" / "fairgrad__cost-paper__seed3.json").read_text())
     assert cost["teleports"] == 0 and cost["rejected_teleports"] == 0  # the trigger never fired (K = 2)
-    assert cost["weights_sha256"] == base["weights_sha256"]
+    assert cost["weights_sha256"] == base["weights_sha256"] and "derived_from" not in cost
     assert cost["test"] == base["test"] and cost["epochs"] == base["epochs"]
+    assert base["fired_steps"] == {"majority": [], "any": []} and base["total_steps"] == 10
+    # the same run derived from the base record: the trained run's numbers, and no training
+    derived_out = tmp_path / "derived"
+    runner.main([*argv, "--out", str(derived_out)])
+    derived = json.loads((derived_out / "runs" / "fairgrad__cost-paper__seed3.json").read_text())
+    assert derived["derived_from"] == "fairgrad__cost-none__seed3.json"
+    for k in ("weights_sha256", "test", "epochs", "val", "best_epoch", "teleports", "teleports_before_best",
+              "trigger_ratio_any", "fired_steps"):
+        assert derived[k] == cost[k], k
+    assert derived["config_hash"] == cost["config_hash"] and derived["cost"] == "paper"
     # a different seed is a different run (the digest sees it)
     runner.main(["--dataset", "multimnist", "--methods", "fairgrad", "--seeds", "4", "--epochs", "1", "--threads",
                  "1", "--progress", "false", "--baselines", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM)])

@@ -85,6 +85,7 @@ class RunnerConfig:
     rerun: bool = False
     report_only: bool = False
     keep_checkpoints: bool = False
+    derive_silent: bool = True
     verdict_margin: VerdictMargin | dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
@@ -213,6 +214,9 @@ def build_parser():
     p.add_argument("--rerun", type=bool, default=False, help="re-run runs whose results exist")
     p.add_argument("--report-only", type=bool, default=False, help="only rebuild the tables")
     p.add_argument("--keep-checkpoints", type=bool, default=False)
+    p.add_argument("--derive-silent", type=bool, default=True,
+                   help="write a COST run that provably never acts as its base run's record instead of training it "
+                        "(benchmarks.runner.derive)")
     p.add_argument("--verdict-margin", type=dict | None, default=None,
                    help='the verdict\'s equivalence margin: {"delta": <Delta-m%% points>, "why": "<how it was chosen>"}')
     p.add_argument("--verdict", type=str | None, nargs="+", default=None,

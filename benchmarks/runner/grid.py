@@ -104,6 +104,23 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
     return jobs
 
 
+def derive_if_silent(job: Job, cfg: RunnerConfig) -> dict[str, Any] | None:
+    """The record of a COST run that provably never acts, from its finished base run
+    (:mod:`benchmarks.runner.derive`), or ``None``: train it."""
+    from benchmarks.runner.derive import derived_record
+    from lightning_cost.aggregators import LossWeighting, aggregator_class
+
+    if not cfg.derive_silent or job.kind != "run" or job.cost == "none":
+        return None
+    base_key = {**job.key, "cost": "none", "cost_spec": None}
+    base_path = job.path.with_name(f"{job.method}__cost-none__seed{job.seed}.json")
+    base = load_json(base_path)
+    if base is None or base.get("config_hash") != fingerprint(base_key):
+        return None
+    needs_gradients = not issubclass(aggregator_class(job.method), LossWeighting)
+    return derived_record(base, job.key, base_key, base_path.name, needs_gradients)
+
+
 def _gramian_method(name: str) -> bool:
     from lightning_cost.aggregators import GramianAggregator, aggregator_class
 
@@ -131,8 +148,8 @@ def _run_jobs(todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path
     for i, job in enumerate(todo, 1):
         label = f"[{i}/{len(todo)}] {title}: {job.label}"
         console.rule(label)
-        res = train_one(dm, cfg, seed=job.seed, method=job.method, cost=job.cost, task=job.task,
-                        ckpt_dir=out / "ckpt" / job.path.stem, label=label)
+        res = derive_if_silent(job, cfg) or train_one(dm, cfg, seed=job.seed, method=job.method, cost=job.cost,
+                                                       task=job.task, ckpt_dir=out / "ckpt" / job.path.stem, label=label)
         res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
                     "config_hash": fingerprint(job.key),
                     **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost,

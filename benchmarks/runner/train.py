@@ -169,6 +169,7 @@ def train_one(dm: Any, cfg: RunnerConfig, *, seed: int, method: str = "ls", cost
     if not cfg.keep_checkpoints:
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     result = _result(curve, counter, teleport, directions, tested)
+    result["total_steps"] = float(trainer.estimated_stepping_batches)  # what a warmup_fraction is a share of
     result.update(wall_time_s=wall, weights_sha256=digest, stopped=stopped, skipped_steps=int(getattr(module, "mtl_skipped_steps", 0)),
                   undefined_auroc=dm.undefined_auroc_tasks() if hasattr(dm, "undefined_auroc_tasks") else {})
     return result
@@ -192,6 +193,7 @@ def _result(curve: ValidationCurve, counter: ConflictCounter, teleport: Any, dir
         "epochs": epochs,
         "checked_steps": counter.checked,
         **{f"trigger_ratio_{rule}": counter.ratio(rule) for rule in RULES},
+        "fired_steps": {rule: [[s.step, s.epoch] for s in counter.steps if s.fired[rule]] for rule in RULES},
         "teleports": accepted,
         "rejected_teleports": rejected,
         "teleports_before_best": teleports_before_best(history, int(best.get("epoch", -1)), accepted),
