@@ -562,3 +562,17 @@ def test_verdict_from_fabricated_folders(tmp_path: Path) -> None:
            "of its 3 runs); inconclusive for fairgrad + COST (paper) (below its base, but no matched control yet), " \
            "fairgrad + COST (rescale)." in md and "'no effect' cannot be concluded" in md
     assert "## birds" in md and "ROC-AUC undefined in the test split" in md and "for y" in md
+
+
+def test_relative_warmup_is_resolved_from_the_base_run_of_the_same_seed(tmp_path: Path) -> None:
+    _need("mnist.npz")
+    out = tmp_path / "rel"
+    runner.main(["--dataset", "multimnist", "--methods", "fairgrad", "--cost", "none,late", "--cost-variants",
+                 '{"late": {"trigger": "any", "schedule": {"warmup_of_base_best": 0.5, "max_per_epoch": 1}}}',
+                 "--seeds", "0", "--epochs", "2", "--threads", "1", "--progress", "false", "--baselines", "false",
+                 "--derive-silent", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM)])
+    base = json.loads((out / "runs" / "fairgrad__cost-none__seed0.json").read_text())
+    late = json.loads((out / "runs" / "fairgrad__cost-late__seed0.json").read_text())
+    expected = int(0.5 * (base["best_epoch"] + 1) * 5)  # 5 steps per epoch
+    assert late["resolved_schedule"] == {"warmup_steps": expected, "max_per_epoch": 1}
+    assert all(t["step"] >= expected for t in late["teleport_history"])

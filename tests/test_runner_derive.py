@@ -35,3 +35,25 @@ def test_derived_record_only_for_a_silent_variant_with_the_same_settings():
     assert derived_record(BASE, {**key, "lr": 1e-2}, base_key, "f", True) is None  # another setting
     assert derived_record(BASE, key, base_key, "f", needs_gradients=False) is None  # a loss weighting
     assert derived_record(None, key, base_key, "f", True) is None
+
+
+def test_relative_warmup_is_a_share_of_the_base_runs_steps_to_its_checkpoint():
+    import pytest
+
+    from benchmarks.runner.relative import needs_base, resolve_warmup
+
+    spec = {"trigger": "any", "schedule": {"warmup_of_base_best": 0.5, "max_per_epoch": 1}}
+    base = {"total_steps": 40.0, "config": {"epochs": 4}, "best_epoch": 2}  # 10 steps/epoch, best after 30
+    assert needs_base(spec) and not needs_base({"schedule": {"warmup_steps": 3}}) and not needs_base(None)
+    out = resolve_warmup(spec, base)
+    assert out["schedule"] == {"warmup_steps": 15, "max_per_epoch": 1} and out["trigger"] == "any"
+    assert spec["schedule"]["warmup_of_base_best"] == 0.5  # the config's preset is left as it is
+    assert resolve_warmup({"schedule": {"warmup_of_base_best": 0.0}}, base)["schedule"] == {"warmup_steps": 0}
+    with pytest.raises(ValueError, match="finished base run"):
+        resolve_warmup(spec, None)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        resolve_warmup({"schedule": {"warmup_of_base_best": 1.5}}, base)
+    with pytest.raises(ValueError, match="no step count"):
+        resolve_warmup(spec, {"config": {"epochs": 4}, "best_epoch": 2})
+    # derivation reads the resolved warm-up: silent after step 15 in a series that fires at 3 only
+    assert first_attempt({"fired_steps": {"any": [[3, 0]]}, "total_steps": 40.0}, out) is None

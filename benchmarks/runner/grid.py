@@ -21,6 +21,7 @@ from typing import Any
 
 from benchmarks.common import load_json, write_json
 from benchmarks.runner.config import RunnerConfig, default_out
+from benchmarks.runner.relative import needs_base, resolve_warmup
 
 __all__ = ["Job", "data_fingerprint", "plan_jobs", "run_benchmark", "fingerprint", "out_dir", "write_verdict_config"]
 
@@ -104,21 +105,35 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
     return jobs
 
 
-def derive_if_silent(job: Job, cfg: RunnerConfig) -> dict[str, Any] | None:
+def _base_record(job: Job) -> tuple[dict[str, Any], str] | None:
+    """The finished base run of a COST job (same settings, cost ``none``) and its file name, or ``None``."""
+    if job.kind != "run" or job.cost == "none":
+        return None
+    base_key = {**job.key, "cost": "none", "cost_spec": None}
+    base_path = job.path.with_name(f"{job.method}__cost-none__seed{job.seed}.json")
+    base = load_json(base_path)
+    return (base, base_path.name) if base is not None and base.get("config_hash") == fingerprint(base_key) else None
+
+
+def resolved_spec(job: Job, cfg: RunnerConfig, base: tuple[dict[str, Any], str] | None) -> dict[str, Any] | None:
+    """The job's callback arguments, a warm-up relative to the base run resolved
+    (:mod:`benchmarks.runner.relative`); ``None`` for a run without COST."""
+    spec = cfg.spec(job.cost) if job.kind == "run" else None
+    return resolve_warmup(spec, base[0] if base else None) if spec is not None and needs_base(spec) else spec
+
+
+def derive_if_silent(job: Job, cfg: RunnerConfig, base: tuple[dict[str, Any], str] | None,
+                     spec: dict[str, Any] | None) -> dict[str, Any] | None:
     """The record of a COST run that provably never acts, from its finished base run
     (:mod:`benchmarks.runner.derive`), or ``None``: train it."""
     from benchmarks.runner.derive import derived_record
     from lightning_cost.aggregators import LossWeighting, aggregator_class
 
-    if not cfg.derive_silent or job.kind != "run" or job.cost == "none":
-        return None
-    base_key = {**job.key, "cost": "none", "cost_spec": None}
-    base_path = job.path.with_name(f"{job.method}__cost-none__seed{job.seed}.json")
-    base = load_json(base_path)
-    if base is None or base.get("config_hash") != fingerprint(base_key):
+    if not cfg.derive_silent or base is None or spec is None:
         return None
     needs_gradients = not issubclass(aggregator_class(job.method), LossWeighting)
-    return derived_record(base, job.key, base_key, base_path.name, needs_gradients)
+    base_key = {**job.key, "cost": "none", "cost_spec": None}
+    return derived_record(base[0], {**job.key, "cost_spec": spec}, base_key, base[1], needs_gradients)
 
 
 def _gramian_method(name: str) -> bool:
@@ -148,8 +163,13 @@ def _run_jobs(todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path
     for i, job in enumerate(todo, 1):
         label = f"[{i}/{len(todo)}] {title}: {job.label}"
         console.rule(label)
-        res = derive_if_silent(job, cfg) or train_one(dm, cfg, seed=job.seed, method=job.method, cost=job.cost,
-                                                       task=job.task, ckpt_dir=out / "ckpt" / job.path.stem, label=label)
+        base = _base_record(job)
+        spec = resolved_spec(job, cfg, base)
+        res = derive_if_silent(job, cfg, base, spec) or train_one(
+            dm, cfg, seed=job.seed, method=job.method, cost=job.cost, task=job.task,
+            ckpt_dir=out / "ckpt" / job.path.stem, label=label, spec=spec)
+        if spec is not None and needs_base(cfg.spec(job.cost)):
+            res["resolved_schedule"] = spec.get("schedule")
         res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
                     "config_hash": fingerprint(job.key),
                     **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost,

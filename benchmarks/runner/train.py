@@ -142,9 +142,11 @@ def _progress_bar(cfg: RunnerConfig) -> bool:
 
 
 def train_one(dm: Any, cfg: RunnerConfig, *, seed: int, method: str = "ls", cost: str = "none",
-              task: str | None = None, ckpt_dir: Path, label: str | None = None) -> dict[str, Any]:
-    """Train one model (``task`` given: a single-task baseline), select on validation, test it."""
-    spec = cfg.spec(cost) if task is None else None
+              task: str | None = None, ckpt_dir: Path, label: str | None = None,
+              spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train one model (``task`` given: a single-task baseline), select on validation, test it.
+    ``spec``: the COST variant's callback arguments when resolved for this run (default: the config's)."""
+    spec = (spec if spec is not None else cfg.spec(cost)) if task is None else None
     teleport = build_teleport(spec, seed) if spec is not None else None
     counter, curve = ConflictCounter(), ValidationCurve(None if _progress_bar(cfg) else label)
     ckpt, selection = _selection_callbacks(cfg, ckpt_dir)
