@@ -53,6 +53,7 @@ def step_seconds(dm: Any, cfg: Any, method: str, task: str | None, steps: int) -
     from benchmarks.runner.train import _module
 
     module, _ = _module(dm, cfg, method, task)
+    module.lr_scheduler = None  # a plateau schedule reads val/score, which these timing runs do not compute
     timer = StepTimer()
     trainer = L.Trainer(max_steps=steps + 2, accelerator="cpu", devices=1, logger=False, callbacks=[timer],
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
