@@ -165,6 +165,7 @@ def test_results_default_outside_the_source_tree(tmp_path: Path, monkeypatch) ->
 
 
 def test_configs_parse_and_every_variant_builds_its_callback() -> None:
+    from benchmarks.runner.relative import needs_base, resolve_warmup
     from benchmarks.runner.variants import build_teleport
 
     files = sorted(CONFIGS.rglob("*.yaml"))
@@ -174,21 +175,31 @@ def test_configs_parse_and_every_variant_builds_its_callback() -> None:
         cfg = RunnerConfig(**settings)
         for c in cfg.cost:
             if c != "none":
-                build_teleport(cfg.spec(c), 0)  # the callback validates every setting of the preset
+                spec = cfg.spec(c)
+                if needs_base(spec):  # a warm-up relative to the base run: resolved from a base record
+                    spec = resolve_warmup(spec, {"total_steps": 100.0, "config": {"epochs": 10}, "best_epoch": 3})
+                build_teleport(spec, 0)  # the callback validates every setting of the preset
 
 
 def test_verdict_configs_choose_full_sets_and_the_grid() -> None:
     names = ["multimnist", "multifashion", "multifashion_mnist", "yeast", "birds", "tox21", "qm8", "toxcast40"]
+    variants = ["paper", "authors", "rescale"]
     for name in names:
         settings, _ = config_from_argv(["--config", str(CONFIGS / "verdict" / f"{name}.yaml")])
         cfg = RunnerConfig(**settings)
-        assert cfg.dataset == name and cfg.cost == ["none", "paper", "authors", "rescale"]
-        assert cfg.methods == ["ls", "mgda", "pcgrad", "cagrad", "nashmtl", "famo", "fairgrad"]
-        image = name.startswith("multi")
-        assert cfg.cost_methods == (["fairgrad"] if image else ["fairgrad", "cagrad", "nashmtl"])
-        assert cfg.cost_seeds == [0, 1, 2, 3, 4] and cfg.seeds == [0, 1, 2]
+        assert cfg.dataset == name and cfg.cost == ["none", *(v + s for v in variants for s in ("", "_control"))]
+        for v in variants:  # each variant's matched control: the same preset, a teleporter that does not move
+            control = cfg.spec(f"{v}_control")
+            assert cfg.control_of(f"{v}_control") == v and control["teleporter"] == {"name": "null"}
+            assert {k: x for k, x in control.items() if k not in ("teleporter", "control_of")} == \
+                {k: x for k, x in cfg.spec(v).items() if k != "teleporter"}
+        cheap = name in ("yeast", "birds", "tox21")  # a run takes under a minute: 10 seeds and context methods
+        assert cfg.cost_seeds == list(range(10 if cheap else 5)) and cfg.seeds == [0, 1, 2]
+        assert cfg.methods == (["ls", "mgda", "pcgrad", "cagrad", "nashmtl", "famo", "fairgrad"] if cheap
+                               else ["fairgrad"])
+        assert cfg.cost_methods == (["fairgrad", "cagrad", "nashmtl"] if cheap else ["fairgrad"])
         assert cfg.patience is not None and cfg.epochs > cfg.patience
-        if image:  # every training image: no num_train prefix, the validation split cut out of train
+        if name.startswith("multi"):  # every training image: no num_train prefix, the validation split cut out of train
             assert cfg.data_kw.get("num_train") is None and cfg.data_kw["num_val"] > 0
             assert cfg.data_kw.get("num_test") is None
 
