@@ -6,21 +6,25 @@ changes the result, each control does one of them at the same steps (``TeleportS
 
 * :class:`DropSteps`: drops the step only (the weights and the optimizer state are untouched);
 * :class:`ResetState`: forgets the optimizer state of the shared weights only (the step is taken);
-* :class:`RandomMove`: a teleporter that moves the shared weights by a random direction of a given
-  relative size (so, through the callback: move + dropped step + the chosen state transfer).
+* :class:`~lightning_cost.teleport.RandomMove` (``teleporter="random_move"``): a teleporter that moves
+  the shared weights by a random direction of a given relative size (so, through the callback: move +
+  dropped step + the chosen state transfer);
+* :class:`~lightning_cost.teleport.NullTeleporter` (``teleporter="null"``): the matched control, the
+  same callback without the move (dropped step + the chosen state transfer).
+
+The two teleporters live in the library (re-exported here); the callbacks below act without one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import lightning as L
-import torch
 
-from lightning_cost.teleport import Move, Teleporter, TeleportProblem, TeleportSchedule
+from lightning_cost.teleport import NullTeleporter, RandomMove, RandomMoveConfig, TeleportSchedule
 
-__all__ = ["CONTROLS", "DropSteps", "RandomMove", "RandomMoveConfig", "ResetState", "build_control"]
+__all__ = ["CONTROLS", "DropSteps", "NullTeleporter", "RandomMove", "RandomMoveConfig", "ResetState",
+           "build_control"]
 
 
 class _AtScheduledSteps(L.Callback):
@@ -54,35 +58,6 @@ class ResetState(_AtScheduledSteps):
     def act(self, pl_module: Any, optimizer: Any) -> None:
         for p in pl_module.shared_parameters():
             optimizer.state.pop(p, None)
-
-
-@dataclass
-class RandomMoveConfig:
-    """``relative_size``: ``||dtheta|| / ||theta||`` of the random move; no acceptance test by default."""
-
-    relative_size: float = 3e-3
-    loss_tolerance: float = float("inf")
-    abs_tolerance: float = float("inf")
-
-
-class RandomMove(Teleporter):
-    """Moves the teleported weights along a Gaussian direction drawn from the callback's generator."""
-
-    name = "random_move"
-    default_transfer = "htr"
-
-    def __init__(self, config: RandomMoveConfig | None = None) -> None:
-        self.config = config or RandomMoveConfig()
-        super().__init__(self.config.loss_tolerance, self.config.abs_tolerance)
-
-    @torch.no_grad()
-    def move(self, problem: TeleportProblem) -> Move:
-        noise = [torch.randn(p.shape, generator=problem.generator, dtype=torch.float64) for p in problem.params]
-        theta = torch.sqrt(sum((p.double() ** 2).sum() for p in problem.params))
-        scale = self.config.relative_size * theta / torch.sqrt(sum((n**2).sum() for n in noise))
-        for p, n in zip(problem.params, noise, strict=True):
-            p.add_((n * scale).to(device=p.device, dtype=p.dtype))
-        return Move()
 
 
 CONTROLS = {"drop_step": DropSteps, "reset_state": ResetState}

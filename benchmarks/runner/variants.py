@@ -14,6 +14,20 @@ A config names its presets (``cost_variants``) and picks the ones to run (``cost
 (a preset's own values win, dicts merged key by key). The paper's Table 4 ablation is a set of
 presets too: ``{teleporter: {use_lt: true, use_lg: false}, transfer: keep}`` and so on.
 
+A claim that a variant helps needs its *matched control*: the same callback (trigger, schedule,
+state transfer, every other argument) with the ``null`` teleporter, which never moves the weights,
+so the control is exactly the dropped step and the optimizer-state change at the same kind of steps.
+A preset ``control_of: <variant>`` is that control (:func:`matched_control` of the named variant's
+spec); any other key of the preset is merged over it::
+
+    cost_variants:
+      lora: {schedule: {every: 50, on_trigger: false}, teleporter: {name: lora, inner_steps: 20}}
+      lora_control: {control_of: lora}          # the same, teleporter {name: null}, transfer htr
+    cost: [none, lora, lora_control]
+
+:func:`cost_spec` keeps ``control_of`` in the control's spec (so a reader of a run can pair it with its
+variant); :func:`build_teleport` drops it before building the callback.
+
 :func:`build_teleport` is the one place a spec becomes a callback; :func:`teleport_records` the one
 place the callback's history is read.
 """
@@ -25,8 +39,11 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_COST_VARIANTS", "deep_merge", "parse_cost", "cost_spec", "build_teleport", "teleport_records",
-           "teleport_counts"]
+__all__ = ["CONTROL_OF", "DEFAULT_COST_VARIANTS", "deep_merge", "parse_cost", "cost_spec", "matched_control",
+           "build_teleport", "teleport_records", "teleport_counts"]
+
+#: the preset key that makes a variant the matched control of another
+CONTROL_OF = "control_of"
 
 #: presets available without a config (a config's ``cost_variants`` add to and override them)
 DEFAULT_COST_VARIANTS: dict[str, dict[str, Any]] = {
@@ -69,10 +86,47 @@ def parse_cost(values: Sequence[Any] | str, variants: Mapping[str, Any]) -> list
 
 
 def cost_spec(variant: str, cost_kw: Mapping[str, Any], variants: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The callback arguments of ``variant`` (``cost_kw`` under the preset), or ``None`` for ``none``."""
+    """The callback arguments of ``variant`` (``cost_kw`` under the preset), or ``None`` for ``none``.
+
+    A preset with ``control_of: <name>`` is :func:`matched_control` of ``<name>``'s spec with the preset's
+    other keys merged over it; ``control_of`` stays in the result.
+    """
     if variant == "none":
         return None
-    return deep_merge(cost_kw, variants[variant])
+    preset = dict(variants[variant])
+    if CONTROL_OF not in preset:
+        return deep_merge(cost_kw, preset)
+    of = preset.pop(CONTROL_OF)
+    if not isinstance(of, str) or of == "none" or of not in variants:
+        raise ValueError(f"COST variant {variant!r}: control_of must name another preset, got {of!r}; "
+                         f"presets: {', '.join(variants)}")
+    if of == variant or CONTROL_OF in variants[of]:
+        raise ValueError(f"COST variant {variant!r}: control_of names {of!r}, which is itself a control (or the "
+                         "variant itself); name the teleporting variant")
+    return {**deep_merge(matched_control(cost_spec(of, cost_kw, variants)), preset), CONTROL_OF: of}
+
+
+def matched_control(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The matched control of a COST variant's ``spec``: the same arguments, teleporter ``{"name": "null"}``.
+
+    The transfer is pinned to the one the variant runs: its own ``transfer``, else its teleporter's
+    default (``lora``: ``htr``, ``rescale``: ``transport``), so the control changes the optimizer state
+    as the variant does (:mod:`lightning_cost.teleport.null` for what each transfer does without a move).
+    """
+    from lightning_cost.teleport import Teleporter, teleporter_class
+
+    if "control" in spec:
+        raise ValueError(f"a callback control ({spec['control']!r}) has no matched control; give a COST variant's spec")
+    out = {k: copy.deepcopy(v) for k, v in spec.items() if k not in (CONTROL_OF, "teleporter")}
+    teleporter = spec.get("teleporter", "lora")
+    if out.get("transfer") is None:
+        if isinstance(teleporter, Teleporter):
+            out["transfer"] = teleporter.default_transfer
+        else:
+            name = teleporter if isinstance(teleporter, str) else teleporter.get("name", "lora")
+            out["transfer"] = teleporter_class(name).default_transfer
+    out["teleporter"] = {"name": "null"}
+    return out
 
 
 def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
@@ -80,9 +134,10 @@ def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
 
     ``spec`` holds :class:`~lightning_cost.SymmetryTeleportCallback`'s arguments (``teleporter``,
     ``trigger``, ``schedule``, ``transfer``, ``teleport_batches``, ...); the callback validates them.
-    Two kinds of ablation control (:mod:`benchmarks.controls`) are presets too: ``{"control": "drop_step"}``
-    or ``"reset_state"`` at the steps ``schedule.every`` forces, and the teleporter
-    ``{"name": "random_move", "relative_size": ...}``.
+    The control teleporters are teleporters of the library's registry (``{"name": "null"}``,
+    ``{"name": "random_move", "relative_size": ...}``); ``control_of`` is dropped. Two callback controls
+    (:mod:`benchmarks.controls`) are presets too: ``{"control": "drop_step"}`` or ``"reset_state"`` at
+    the steps ``schedule.every`` forces.
     """
     from lightning_cost import SymmetryTeleportCallback
 
@@ -90,13 +145,8 @@ def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
         from benchmarks.controls import build_control
 
         return build_control(spec["control"], every=int(spec.get("schedule", {}).get("every", 0)))
-    teleporter = spec.get("teleporter")
-    if isinstance(teleporter, Mapping) and teleporter.get("name") == "random_move":
-        from benchmarks.controls import RandomMove, RandomMoveConfig
-
-        settings = {k: v for k, v in teleporter.items() if k != "name"}
-        spec = {**spec, "teleporter": RandomMove(RandomMoveConfig(**settings))}
-    return SymmetryTeleportCallback(**{**spec, "seed": seed})
+    args = {k: v for k, v in spec.items() if k != CONTROL_OF}
+    return SymmetryTeleportCallback(**{**args, "seed": seed})
 
 
 def teleport_records(callback: Any, start: int = 0) -> list[dict[str, Any]]:

@@ -1,18 +1,21 @@
-"""COST's teleport in parts: when (trigger, schedule), how (teleporters), after (state transfer), records."""
+"""COST's teleport in parts: when (trigger, schedule), how (teleporters, and the null / random-move
+controls), after (state transfer), records."""
 
 from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
 from lightning_cost.teleport.evaluation import DROPOUT_LAYERS, Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 from lightning_cost.teleport.lora import LoRAConfig, LoRATeleporter
+from lightning_cost.teleport.null import NullConfig, NullTeleporter
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
+from lightning_cost.teleport.random_move import RandomMove, RandomMoveConfig
 from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
-from lightning_cost.teleport.registry import TELEPORTERS, build_teleporter
+from lightning_cost.teleport.registry import TELEPORTERS, build_teleporter, teleporter_class
 from lightning_cost.teleport.rescale import RescaleConfig, RescaleTeleporter
 from lightning_cost.teleport.schedule import TeleportSchedule
 from lightning_cost.teleport.symmetry import NoSymmetryError, RescaleSymmetry, ScaleGroup
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem, TeleportRejected
-from lightning_cost.teleport.transfer import TRANSFERS, StateTransfer
+from lightning_cost.teleport.transfer import TRANSFERS, StateTransfer, reset_step_count
 from lightning_cost.teleport.trigger import (
     ConflictTrigger,
     TriggerResult,
@@ -30,6 +33,10 @@ __all__ = [
     "LoRATeleporter",
     "Move",
     "NoSymmetryError",
+    "NullConfig",
+    "NullTeleporter",
+    "RandomMove",
+    "RandomMoveConfig",
     "RescaleConfig",
     "RescaleSymmetry",
     "RescaleTeleporter",
@@ -54,6 +61,8 @@ __all__ = [
     "htr_sigma",
     "keep_buffers",
     "loss_invariance",
+    "reset_step_count",
     "sample_sphere",
     "sharpness",
+    "teleporter_class",
 ]

@@ -21,13 +21,13 @@ def check_int(name: str, value: Any, minimum: int | None = None, optional: bool 
 
 
 def check_float(name: str, value: Any, minimum: float | None = None, positive: bool = False,
-                maximum: float | None = None, optional: bool = False) -> None:
-    """A finite real number, ``> 0`` if ``positive``, within ``[minimum, maximum]``."""
+                maximum: float | None = None, optional: bool = False, allow_inf: bool = False) -> None:
+    """A finite real number (``+-inf`` too if ``allow_inf``), ``> 0`` if ``positive``, within ``[minimum, maximum]``."""
     if optional and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value):
+    if math.isnan(value) or (not allow_inf and math.isinf(value)):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
         raise ValueError(f"{name} must be > 0, got {value}")

@@ -45,13 +45,16 @@ class SymmetryTeleportCallback(L.Callback):
     Args:
         teleporter: ``"lora"`` (the paper's, :class:`~lightning_cost.teleport.lora.LoRATeleporter`),
             ``"rescale"`` (an exact symmetry, :class:`~lightning_cost.teleport.rescale.RescaleTeleporter`),
-            a mapping ``{"name": ..., **settings}``, or a :class:`Teleporter`.
+            the controls ``"null"`` (no move: the transfer and dropped step alone,
+            :class:`~lightning_cost.teleport.null.NullTeleporter`) and ``"random_move"``
+            (:class:`~lightning_cost.teleport.random_move.RandomMove`), a mapping
+            ``{"name": ..., **settings}``, or a :class:`Teleporter`.
         trigger: ``"majority"`` (eq. 4), ``"any"`` (the authors' code), a mapping of
             :class:`ConflictTrigger` settings, or a trigger.
         schedule: warm-up, spacing, cap per epoch, ``check_every``, forced teleports
             (:class:`TeleportSchedule` or a mapping of its settings).
         transfer: the optimizer-state policy after a teleport (``"htr"``, ``"transport"``, ``"keep"``,
-            ``"reset"``, or a :class:`StateTransfer`); ``None``: the teleporter's default.
+            ``"reset"``, ``"reset_step"``, or a :class:`StateTransfer`); ``None``: the teleporter's default.
         teleport_batches: 0 teleports on the step's batch; ``N > 0`` also on ``N`` batches drawn from the
             training loader (``L*``, the Jacobian of eq. 10 and the effect are measured on all of them).
         measure: also compute the per-task gradients after each teleport for its record (one Jacobian,
@@ -97,7 +100,7 @@ class SymmetryTeleportCallback(L.Callback):
 
     @property
     def num_teleports(self) -> int:
-        """Accepted teleports that moved the weights."""
+        """Applied teleports: accepted ones that moved the weights (a control teleporter's: accepted ones)."""
         return self.records.num_teleports
 
     @property
@@ -130,6 +133,8 @@ class SymmetryTeleportCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._total_steps = float(trainer.estimated_stepping_batches)
+        for optimizer in trainer.optimizers:
+            self.transfer.check_optimizer(optimizer)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         request = getattr(pl_module, "request_representation_jacobian", None)
@@ -187,7 +192,8 @@ class SymmetryTeleportCallback(L.Callback):
     # ------------------------------------------------------------------ the teleport
     def _teleport(self, trainer: L.Trainer, pl_module: Any, optimizer: Any, params: list[nn.Parameter],
                   record: StepRecord, result: TriggerResult, forced: bool) -> bool:
-        """One attempt; True when the weights moved (the step is then dropped)."""
+        """One attempt; True when it was applied (the weights moved, or a control was accepted): the step is
+        then dropped."""
         evaluator = TaskLossEvaluator.for_trainer(trainer, pl_module, self._batch_idx)
         batches = self._teleport_data(trainer)
         g_prev = None  # eq. 12's g': only HTR reads it
@@ -209,7 +215,8 @@ class SymmetryTeleportCallback(L.Callback):
                 problem = TeleportProblem(pl_module, params, evaluator, batches, target, jacobian, self.generator,
                                           _lr_of(optimizer, params), snapshot)
                 move = self.teleporter.teleport(problem, rec)
-                if move is not None and rec.moved:
+                rec.applied = move is not None and (rec.moved or self.teleporter.control)
+                if rec.applied:
                     self._after_move(rec, problem, snapshot, move, optimizer, g_prev)
             except BaseException:
                 snapshot.restore_all()
@@ -217,7 +224,7 @@ class SymmetryTeleportCallback(L.Callback):
         self.records.add(rec, trainer)
         if not rec.accepted:
             rank_zero_warn(f"lightning_cost: teleport rejected and rolled back ({rec.reason})")
-        return rec.moved
+        return rec.applied
 
     def _after_move(self, rec: TeleportRecord, problem: TeleportProblem, snapshot: Snapshot, move: Any,
                     optimizer: Any, g_prev: Tensor | None) -> None:

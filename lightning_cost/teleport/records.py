@@ -40,7 +40,9 @@ class GradientStats:
 class TeleportRecord:
     """One teleport attempt. Losses and gradients are global (averaged over DDP ranks) and measured with
     dropout off on the same batches before and after; ``*_after`` fields are ``None`` when the teleport
-    was rejected, did not move, or the callback was asked not to measure."""
+    was rejected, not applied, or the callback was asked not to measure. ``applied``: the state transfer
+    ran and the step was dropped (the weights moved, or a control teleporter such as ``"null"``, named
+    in ``teleporter``, was accepted: ``applied`` without ``moved``)."""
 
     step: int
     epoch: int
@@ -48,6 +50,7 @@ class TeleportRecord:
     forced: bool = False
     accepted: bool = False
     moved: bool = False
+    applied: bool = False
     reason: str = ""
     seconds: float = 0.0
     trigger_conflicts: int | None = None
@@ -82,6 +85,7 @@ class TeleportRecord:
     def from_dict(cls, data: dict[str, Any]) -> TeleportRecord:
         known = {f.name for f in fields(cls)}
         kw = {k: v for k, v in data.items() if k in known}
+        kw.setdefault("applied", bool(kw.get("moved", False)))  # records written before controls existed
         for key in ("before", "after"):
             if isinstance(kw.get(key), dict):
                 kw[key] = GradientStats(**kw[key])
@@ -95,9 +99,9 @@ class TeleportLog:
     def __init__(self) -> None:
         self.history: list[TeleportRecord] = []
         self.epoch_stats: list[dict[str, Any]] = []
-        self.num_teleports = 0  # accepted and moved
+        self.num_teleports = 0  # applied: accepted and moved, or a control's accepted attempt
         self.num_rejected = 0
-        self.num_unmoved = 0
+        self.num_unmoved = 0  # accepted, not applied
         self.last_step: int | None = None
         self._epoch = self._fresh_epoch()
 
@@ -122,13 +126,14 @@ class TeleportLog:
         self.last_step = record.step
         if not record.accepted:
             self.num_rejected += 1
-        elif not record.moved:
+        elif not record.applied:
             self.num_unmoved += 1
         else:
             self.num_teleports += 1
             self._epoch["teleports"] += 1
         _log(trainer, {
             "teleport/accepted": float(record.accepted), "teleport/moved": float(record.moved),
+            "teleport/applied": float(record.applied),
             "teleport/count": float(self.num_teleports), "teleport/seconds": record.seconds,
             "teleport/loss_drift": record.loss_drift, "teleport/displacement_rel": record.displacement_rel,
             "teleport/grad_norm_ratio": record.grad_norm_ratio, "teleport/min_cos_change": record.min_cos_change,

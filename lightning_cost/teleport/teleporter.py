@@ -80,6 +80,9 @@ class Teleporter(ABC):
     default_transfer: str = "htr"
     #: whether :attr:`Move.factors` is given (exact transport of the optimizer state is possible)
     gives_factors: bool = False
+    #: a control that never moves the weights (:class:`~lightning_cost.teleport.null.NullTeleporter`): the
+    #: callback applies its accepted attempts as it applies a teleport that moved (transfer, dropped step)
+    control: bool = False
 
     def __init__(self, loss_tolerance: float, abs_tolerance: float) -> None:
         self.loss_tolerance, self.abs_tolerance = loss_tolerance, abs_tolerance

@@ -8,6 +8,16 @@
 * ``"keep"``: leave the state as it is.
 * ``"reset"``: forget the state of the teleported weights; the optimizer restarts it from the next
   gradient, as for a fresh optimizer.
+* ``"reset_step"``: restart only the step count (Adam's bias-correction counter, ``state["step"]``) of
+  the teleported weights at 0 and keep the moments: the next step divides the kept moments by
+  ``1 - b1`` and ``1 - b2`` (so it is about ``sqrt(1 - b2) / (1 - b1)`` times larger, ~3.2x for
+  ``(0.9, 0.999)``). A control that separates what ``"reset"`` does through the bias correction from
+  what it does by forgetting the moments. An optimizer that keeps no step count cannot be asked for it:
+  SGD is refused when training starts (use ``"keep"``: it would be the same); for any other optimizer
+  without ``step`` entries the state is left unchanged, with a warning once.
+
+Under the ``"null"`` teleporter (no move) each policy acts as written here with ``dtheta = 0``; ``htr``'s
+``sigma`` is then 0 (:mod:`lightning_cost.teleport.null`).
 """
 
 from __future__ import annotations
@@ -22,9 +32,9 @@ from torch import Tensor, nn
 from lightning_cost.teleport._checks import check_bool, check_choice
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 
-__all__ = ["TRANSFERS", "StateTransfer"]
+__all__ = ["TRANSFERS", "StateTransfer", "reset_step_count", "transport_state"]
 
-TRANSFERS = ("htr", "transport", "keep", "reset")
+TRANSFERS = ("htr", "transport", "keep", "reset", "reset_step")
 
 #: optimizer state entries that scale like the gradient (power 1) or its square (power 2)
 _SCALING = {"exp_avg": 1, "momentum_buffer": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
@@ -44,6 +54,13 @@ class StateTransfer:
         check_bool("bias_corrected", bias_corrected)
         self.policy, self.bias_corrected = policy, bias_corrected
         self.pending_sigma: float | None = None
+        self._warned_no_step = False
+
+    def check_optimizer(self, optimizer: Any) -> None:
+        """Refuse, before training, a policy the optimizer cannot follow (``reset_step`` with SGD)."""
+        if self.policy == "reset_step" and isinstance(optimizer, torch.optim.SGD):
+            raise ValueError("transfer='reset_step' restarts the bias-correction step count of Adam-like "
+                             "optimizers; SGD keeps none, so it would change nothing (use transfer='keep')")
 
     def after_teleport(self, optimizer: Any, params: Sequence[nn.Parameter], displacement: Tensor,
                        last_gradient: Tensor | None, factors: Sequence[Tensor] | None) -> float | None:
@@ -60,6 +77,10 @@ class StateTransfer:
         elif self.policy == "reset":
             for p in params:
                 optimizer.state.pop(p, None)
+        elif self.policy == "reset_step" and not reset_step_count(optimizer, params) and not self._warned_no_step:
+            self._warned_no_step = True
+            rank_zero_warn(f"transfer='reset_step': {type(optimizer).__name__} keeps no step count for the "
+                           "teleported weights; their state is left unchanged")
         return None
 
     def before_step(self, optimizer: Any, params: Sequence[nn.Parameter]) -> None:
@@ -83,3 +104,21 @@ def transport_state(optimizer: Any, params: Sequence[nn.Parameter], factors: Seq
     if unknown:
         rank_zero_warn(f"transfer='transport' left optimizer state entries {sorted(unknown)} of "
                        f"{type(optimizer).__name__} unchanged (unknown how they scale)")
+
+
+@torch.no_grad()
+def reset_step_count(optimizer: Any, params: Sequence[nn.Parameter]) -> bool:
+    """Set ``state["step"]`` of each of ``params`` that has one to 0 (in place: dtype and device kept).
+
+    Returns whether any parameter had a step count, or none has state yet (nothing to reset then).
+    """
+    states = [optimizer.state[p] for p in params if optimizer.state.get(p)]
+    found = False
+    for state in states:
+        if "step" in state:
+            found = True
+            if torch.is_tensor(state["step"]):
+                state["step"].zero_()
+            else:
+                state["step"] = 0
+    return found or not states
