@@ -212,7 +212,7 @@ def test_multimnist_tiny_run_cache_curves_and_trigger_ratios(tmp_path: Path, cap
     out = tmp_path / "mm"
     argv = ["--dataset", "multimnist", "--methods", "ls", "fairgrad", "--cost", "none,paper", "--cost-methods",
             "fairgrad", "--cost-variants", '{"paper": {}}', "--seeds", "0", "--epochs", "2", "--threads", "1",
-            "--progress", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM)]
+            "--progress", "false", "--out", str(out), "--data-kw", json.dumps(TINY_MM), "--derive-silent", "false"]
     summary = runner.main(argv)
     for name in ("runs.csv", "baselines.csv", "table.md", "summary.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
