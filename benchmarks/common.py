@@ -116,6 +116,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def print_and_write(out_dir: str | os.PathLike | None, name: str, results: Any, text: str) -> None:
+    """Print a benchmark's tables; with ``out_dir``, also write ``<name>.json`` and ``<name>.txt`` there."""
+    print(text)
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{name}.json").write_text(json.dumps(results, indent=1))
+        (Path(out_dir) / f"{name}.txt").write_text(text + "\n")
+
+
 def load_json(path: str | os.PathLike) -> Any:
     """The JSON in ``path``, or ``None`` when it is missing or unreadable."""
     try:

@@ -23,7 +23,6 @@ and the peak RSS growth of each run. The per-layer path of the Gramian engine is
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import quiet, text_table
+from benchmarks.common import print_and_write, quiet, text_table
 from benchmarks.perf.bench import RssPeak, build, dataset
 
 METHODS = ("fairgrad", "mgda", "cagrad", "nashmtl", "pcgrad")
@@ -172,12 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         for kind, k, bs in setups:
             r = 3 if kind == "resnet18" and not args.quick else reps
             results["setups"].append(bench_setup(kind, k, bs, r, min(warmup, 1) if kind == "resnet18" else warmup, print))
-    text = report(results)
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "gramian.json").write_text(json.dumps(results, indent=1))
-        (args.out / "gramian.txt").write_text(text + "\n")
+    print_and_write(args.out, "gramian", results, report(results))
 
 
 if __name__ == "__main__":

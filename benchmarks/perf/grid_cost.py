@@ -21,7 +21,6 @@ Writes ``grid_cost.{json,txt}``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from benchmarks.common import load_json, quiet, text_table
+from benchmarks.common import load_json, print_and_write, quiet, text_table
 
 
 class StepTimer(L.Callback):
@@ -156,12 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with quiet(everything=True):
         res = {"threads": 1, "steps": args.steps, "calibration": calib,
                "configs": [estimate(c, args.steps, calib, print) for c in args.configs]}
-    text = report(res)
-    print(text)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "grid_cost.json").write_text(json.dumps(res, indent=1))
-        (args.out / "grid_cost.txt").write_text(text + "\n")
+    print_and_write(args.out, "grid_cost", res, report(res))
 
 
 if __name__ == "__main__":
