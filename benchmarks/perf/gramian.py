@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m benchmarks.perf.gramian [--quick] [--out docs/results/perf]
+    python -m benchmarks.perf.gramian [--quick] [--models tox21mlp lenet resnet18] [--out docs/results/perf]
 
 For each model and K, one batch, one process, one torch thread: the median time of a full training
 step (forward, per-task gradients, the method's weights, the update's backward, Adam) of FairGrad,
@@ -163,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="two small setups, few repetitions (the suite's run)")
     parser.add_argument("--out", type=Path, default=None, help="write gramian.{json,txt} here")
+    parser.add_argument("--models", nargs="+", choices=sorted({kind for kind, _, _ in SETUPS}), default=None,
+                        help="only the setups of these models")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     setups, reps, warmup = (QUICK_SETUPS, 2, 1) if args.quick else (SETUPS, 5, 2)
+    setups = [s for s in setups if args.models is None or s[0] in args.models]
     results: dict[str, Any] = {"threads": 1, "reps": reps, "warmup": warmup, "setups": []}
     with quiet(everything=True):
         for kind, k, bs in setups:
