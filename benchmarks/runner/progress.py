@@ -59,12 +59,14 @@ class GridProgress:
     def _left(self) -> str:
         return f"about {format_seconds(self.time_left())} left" if self.done < self.total else ""
 
-    def _count(self, message: str) -> None:
+    def _count(self, what: str, detail: str = "") -> None:
+        """One line, never wrapped (a log keeps one line per run): what happened, the time left, details."""
         self.done += 1
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, left=self._left())
-        line = f"[{self.done}/{self.total}] {self.title}: {message}" + (f"; {self._left()}" if self.done < self.total else "")
-        self.console.print(escape(line), highlight=False)
+        left = f" ({self._left()})" if self.done < self.total else ""
+        line = f"[{self.done}/{self.total}] {self.title}: {what}{left}" + (f": {detail}" if detail else "")
+        self.console.print(escape(line), highlight=False, soft_wrap=True)
 
     def starting(self, label: str) -> None:
         """A run starts in this process: a rule above its Lightning output."""
@@ -72,10 +74,10 @@ class GridProgress:
 
     def finished(self, label: str, seconds: float, summary: str) -> None:
         self.durations.append(seconds)
-        self._count(f"{label} done in {seconds:.1f}s, {summary}")
+        self._count(f"{label} done in {seconds:.1f}s", summary)
 
     def finished_elsewhere(self, label: str) -> None:
         self._count(f"{label} finished by another runner")
 
     def failed(self, label: str, error: str) -> None:
-        self._count(f"{label} FAILED: {error}")
+        self._count(f"{label} FAILED", error)
