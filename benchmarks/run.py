@@ -5,4 +5,4 @@ from benchmarks.runner.cli import main
 __all__ = ["main"]
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(1 if main().get("failed") else 0)  # a failed run: a non-zero exit status

@@ -7,6 +7,8 @@ Usage::
     python -m benchmarks.run --config benchmarks/configs/verdict/yeast.yaml          # a YAML config
     python -m benchmarks.run --config benchmarks/configs/verdict/yeast.yaml --seeds 0 1 --data-kw '{"batch_size": 32}'
     python -m benchmarks.run --dataset multilabel --data-kw '{"path": "/data/my.npz"}'  # your own file
+    python -m benchmarks.run --config benchmarks/configs/verdict/yeast.yaml --workers 2  # 2 runs at once
+    python -m benchmarks.run --config benchmarks/configs/verdict/yeast.yaml --ray local  # Ray tasks (extra 'ray')
     python -m benchmarks.run --verdict DIR1 DIR2 ...                                   # collect a verdict
 
 What a grid does, in order: the single-task baselines (Delta-m%, eq. 14, needs them), then every
@@ -16,6 +18,14 @@ Results go to ``--out`` (default: ``$LIGHTNING_COST_RESULTS/<data set>``, else
 ``~/.cache/lightning_cost/results/<data set>``). Seeds vary the model initialisation and the training
 shuffle; the data split is fixed by ``data_kw.seed`` (default 0), so every run and every baseline
 is tested on the same test set.
+
+``--workers N`` trains N runs at once, each in its own process with ``--threads`` torch threads;
+``--ray ADDRESS`` sends them as Ray tasks to a cluster (``local``: a new local instance), the results
+still written here. Two runners started on the same ``--out`` share the grid: each job is claimed by
+one of them (a claim left by a killed runner is taken over), so nothing is split by hand. A run that
+fails is reported by name at the end, the others are kept, and the command exits with status 1.
+Progress: runs done of the total (cached ones included) and the time left, a rich bar on a terminal
+with workers, one line per finished run otherwise.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ runs without a second set of baselines.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -54,6 +55,8 @@ class RunnerConfig:
     single-task baselines and multi-task runs. ``verdict_margin`` (a :class:`VerdictMargin` or its
     dict; ``None``: "no effect" is never concluded) changes no run, only the verdict. A preset of
     ``cost_variants`` with the key ``control_of: <preset>`` is the matched control of that preset.
+    ``workers`` runs train at once in their own processes (or
+    with ``ray``, an address, as Ray tasks), each with ``threads`` torch threads (:mod:`.workers`).
     """
 
     dataset: str = "multimnist"
@@ -80,6 +83,8 @@ class RunnerConfig:
     limit_train_batches: int | float | None = None
     out: str | None = None
     threads: int = 2
+    workers: int = 1
+    ray: str | None = None
     accelerator: str = "cpu"
     progress: bool | None = None
     rerun: bool = False
@@ -105,6 +110,11 @@ class RunnerConfig:
             raise ValueError(f"patience must be >= 1 epochs (or null: no early stopping), got {self.patience}")
         if self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.ray is not None and importlib.util.find_spec("ray") is None:
+            raise ValueError("--ray needs Ray, which is not installed: pip install 'lightning-cost[ray]' "
+                             "(the optional extra 'ray')")
         if self.batch_size is not None:
             self.data_kw = {**self.data_kw, "batch_size": self.batch_size}
         if isinstance(self.verdict_margin, dict):
@@ -207,7 +217,12 @@ def build_parser():
     p.add_argument("--limit-train-batches", type=int | float | None, default=None)
     p.add_argument("--out", type=str | None, default=None,
                    help=f"results folder (default: ${RESULTS_ENV_VAR}/<data set> or ~/.cache/lightning_cost/results/)")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (of each worker)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs at once, each in its own process; runners sharing --out never run a job twice")
+    p.add_argument("--ray", type=str | None, default=None,
+                   help="run the jobs as Ray tasks on the cluster at this address ('local': start one here); "
+                        "needs the extra 'ray'")
     p.add_argument("--accelerator", type=str, default="cpu")
     p.add_argument("--progress", type=bool | None, default=None,
                    help="Lightning's progress bar (default: on a terminal; one line per epoch otherwise)")

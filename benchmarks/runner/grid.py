@@ -2,10 +2,18 @@
 
 Files under ``<out>``: ``baselines/<task>__seed<s>.json`` and ``runs/<method>__cost-<variant>__seed<s>.json``,
 then the reports (:mod:`benchmarks.runner.report`) and ``verdict_config.json`` (what the verdict,
-:mod:`benchmarks.runner.verdict`, reads from the config: the equivalence margin). A run whose JSON
-exists with the same cache key is skipped; the key holds every setting that changes the run and the
-sha256 of the data file(s) (:func:`data_fingerprint`), so an edited data file re-runs everything that
-read it.
+:mod:`benchmarks.runner.verdict`, reads from the config: the equivalence margin). A run whose JSON exists with the same cache key is
+skipped; the key holds every setting that changes the run and the sha256 of the data file(s)
+(:func:`data_fingerprint`), so an edited data file re-runs everything that read it.
+
+The runs left train in this process or, with ``workers`` / ``ray``, in worker processes or Ray tasks
+(:mod:`benchmarks.runner.workers`); runners started at once on the same ``<out>`` share the jobs through
+claim files (:mod:`benchmarks.runner.claims`), so a grid is never split by hand. A run that fails is
+reported at the end (``summary["failed"]``) and the others are kept.
+
+A COST run whose warm-up is relative to its base run (:mod:`benchmarks.runner.relative`) waits for
+that base run while it is in flight, and one that provably never acts is derived from it
+(:mod:`benchmarks.runner.derive`).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +79,7 @@ class Job:
     method: str = "ls"
     cost: str = "none"
     task: str | None = None
+    control_of: str | None = None  # the preset this run's variant is the matched control of
 
     @property
     def label(self) -> str:
@@ -101,11 +111,12 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
                "seed": s}
         if _gramian_method(m):  # runs on the Gramian engine: equal to the Jacobian engine's up to rounding only
             key["engine"] = "gramian"
-        jobs.append(Job("run", out / "runs" / f"{m}__cost-{c}__seed{s}.json", key, s, method=m, cost=c))
+        jobs.append(Job("run", out / "runs" / f"{m}__cost-{c}__seed{s}.json", key, s, method=m, cost=c,
+                        control_of=cfg.control_of(c)))
     return jobs
 
 
-def _base_record(job: Job) -> tuple[dict[str, Any], str] | None:
+def base_record(job: Job) -> tuple[dict[str, Any], str] | None:
     """The finished base run of a COST job (same settings, cost ``none``) and its file name, or ``None``."""
     if job.kind != "run" or job.cost == "none":
         return None
@@ -113,6 +124,12 @@ def _base_record(job: Job) -> tuple[dict[str, Any], str] | None:
     base_path = job.path.with_name(f"{job.method}__cost-none__seed{job.seed}.json")
     base = load_json(base_path)
     return (base, base_path.name) if base is not None and base.get("config_hash") == fingerprint(base_key) else None
+
+
+def _waits_for_base(job: Job, cfg: RunnerConfig) -> bool:
+    """A COST run whose base run is not finished yet (it reads the base's record)."""
+    return job.kind == "run" and job.cost != "none" and cfg.derive_silent | needs_base(cfg.spec(job.cost)) \
+        and base_record(job) is None
 
 
 def resolved_spec(job: Job, cfg: RunnerConfig, base: tuple[dict[str, Any], str] | None) -> dict[str, Any] | None:
@@ -148,38 +165,51 @@ def out_dir(cfg: RunnerConfig) -> Path:
     return Path(cfg.out).expanduser() if cfg.out else default_out(dataset_title(cfg.dataset, cfg.data_kw))
 
 
+def _fresh(job: Job, since: float | None = None) -> bool:
+    """Whether ``job``'s result file holds its current cache key (written at or after ``since`` if given)."""
+    old = load_json(job.path)
+    if old is None or old.get("config_hash") != fingerprint(job.key):
+        return False
+    return since is None or job.path.stat().st_mtime >= since
+
+
 def _todo(jobs: list[Job], rerun: bool) -> list[Job]:
-    todo = []
-    for job in jobs:
-        old = load_json(job.path)
-        if rerun or old is None or old.get("config_hash") != fingerprint(job.key):
-            todo.append(job)
-    return todo
+    return [job for job in jobs if rerun or not _fresh(job)]
 
 
-def _run_jobs(todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path, console: Any) -> None:
-    from benchmarks.runner.train import train_one
+def _record(job: Job, res: dict[str, Any], title: str) -> str:
+    """Write a finished job's result (atomically) and return its one-line summary."""
+    res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
+                "config_hash": fingerprint(job.key),
+                **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost,
+                                                         "control_of": job.control_of})})
+    write_json(job.path, res)
+    return (f"{res['epochs_run']} epochs (best {res['best_epoch']}): "
+            "test " + ", ".join(f"{k}={v:.4f}" for k, v in res["test"].items())
+            + (f", teleports={res['teleports']}" if job.cost != "none" else ""))
 
-    for i, job in enumerate(todo, 1):
-        label = f"[{i}/{len(todo)}] {title}: {job.label}"
-        console.rule(label)
-        base = _base_record(job)
-        spec = resolved_spec(job, cfg, base)
-        res = derive_if_silent(job, cfg, base, spec) or train_one(
-            dm, cfg, seed=job.seed, method=job.method, cost=job.cost, task=job.task,
-            ckpt_dir=out / "ckpt" / job.path.stem, label=label, spec=spec)
-        if spec is not None and needs_base(cfg.spec(job.cost)):
-            res["resolved_schedule"] = spec.get("schedule")
-        res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
-                    "config_hash": fingerprint(job.key),
-                    **({"task": job.task} if job.task else {"method": job.method, "cost": job.cost,
-                                                             "control_of": cfg.control_of(job.cost)})})
-        write_json(job.path, res)
-        console.print(f"  done in {res['wall_time_s']:.1f}s, {res['epochs_run']} epochs (best {res['best_epoch']}): "
-                      "test " + ", ".join(f"{k}={v:.4f}" for k, v in res["test"].items())
-                      + (f", teleports={res['teleports']}" if job.cost != "none" else ""))
+
+def _live(cfg: RunnerConfig) -> bool:
+    """A rich progress bar: runs in workers (this process shows Lightning's bar) on a terminal."""
+    on = cfg.progress if cfg.progress is not None else sys.stdout.isatty()
+    return bool(on) and (cfg.workers > 1 or cfg.ray is not None)
+
+
+def _run_jobs(jobs: list[Job], todo: list[Job], dm: Any, cfg: RunnerConfig, title: str, out: Path,
+              console: Any) -> list[tuple[str, str]]:
+    """Run ``todo`` (:mod:`benchmarks.runner.workers`); returns ``(job label, error)`` of the failed ones."""
+    from benchmarks.runner.progress import GridProgress
+    from benchmarks.runner.workers import make_backend, run_jobs
+
+    live, since = _live(cfg), time.time()
+    backend = make_backend(cfg, dm, live)
+    with GridProgress(console, title, len(jobs), len(jobs) - len(todo), backend.slots, live) as progress:
+        failed = run_jobs(todo, backend, progress, done_elsewhere=lambda j: _fresh(j, since if cfg.rerun else None),
+                          record=lambda j, r: _record(j, r, title), label=lambda j: f"{title}: {j.label}",
+                          live=live, ckpt_root=out / "ckpt", blocked=lambda j: _waits_for_base(j, cfg))
     with contextlib.suppress(OSError):  # each run removed its own; another grid may still be writing here
         (out / "ckpt").rmdir()
+    return failed
 
 
 def write_verdict_config(cfg: RunnerConfig, out: Path) -> None:
@@ -203,16 +233,20 @@ def run_benchmark(cfg: RunnerConfig) -> dict[str, Any]:
     dm = make_datamodule(cfg.dataset, **cfg.data_kw)
     data = data_fingerprint(dm.data_files())
     jobs = plan_jobs(cfg, out, [s.name for s in dm.task_specs] if cfg.baselines else [], data)
+    failed: list[tuple[str, str]] = []
     if not cfg.report_only:
         todo = _todo(jobs, cfg.rerun)
         console.print(f"[bold]{title}[/]: {len(jobs) - len(todo)} of {len(jobs)} runs already done, "
                       f"{len(todo)} to run -> {out}")
-        if todo:
-            dm.setup()
-            _run_jobs(todo, dm, cfg, title, out, console)
+        failed = _run_jobs(jobs, todo, dm, cfg, title, out, console) if todo else []
     runs = [r for j in jobs if j.kind == "run" and (r := load_json(j.path)) is not None]
     bases = [r for j in jobs if j.kind == "baseline" and (r := load_json(j.path)) is not None]
     summary = summarize(runs, bases, title)
     write_reports(summary, out, console)
     write_verdict_config(cfg, out)
+    if failed:
+        summary["failed"] = [{"run": label, "error": err} for label, err in failed]
+        console.print(f"[bold red]{len(failed)} run(s) failed[/] (their results are missing; run again to retry):")
+        for label, err in failed:
+            console.print(f"  {title}: {label}: {err}", highlight=False)
     return summary
