@@ -88,7 +88,7 @@ def test_teleporting_batch_takes_no_step_and_htr_touches_only_shared_state():
 def test_rejected_teleport_restores_everything_bit_for_bit():
     L.seed_everything(0)
     model = TinyMTL(k=2)
-    tele = cost(inner_steps=3, loss_tolerance=0.0, abs_tolerance=0.0, inner_lr=0.05)
+    tele = cost(inner_steps=3, loss_tolerance=0.0, abs_tolerance=0.0, inner_lr=0.05, min_gain=None)
     spy, after = Spy(), After()
     with pytest.warns(UserWarning, match="rejected"):
         fit(model, [Force(tele), spy, tele, after], steps=5)
@@ -105,8 +105,8 @@ def test_rejected_teleport_restores_everything_bit_for_bit():
 def test_non_finite_inner_loop_is_rejected():
     class Broken(LoRATeleporter):
         def _objective(self, *args, **kwargs):
-            objective, terms = super()._objective(*args, **kwargs)
-            return objective * float("nan"), terms
+            objective, terms, losses = super()._objective(*args, **kwargs)
+            return objective * float("nan"), terms, losses
 
     L.seed_everything(0)
     model = TinyMTL(k=2)

@@ -21,7 +21,7 @@ def test_frozen_shared_layers_are_never_touched():
     model = TinyMTL(k=3)
     model.trunk[0].requires_grad_(False)  # a frozen first layer of the shared trunk
     frozen = [p.detach().clone() for p in model.trunk[0].parameters()]
-    tele = cost(inner_steps=3)
+    tele = cost(inner_steps=3, min_gain=None)  # one inner loop: the mechanics, not the search
     fit(model, [Force(tele, steps=(2,)), tele], steps=4)
     rec = tele.history[0]
     assert rec.accepted and rec.moved and rec.sigma is not None
@@ -99,7 +99,7 @@ def test_without_a_pure_hook_the_side_effects_are_announced_once():
 def _forced_run(ckpt_dir=None, resume=None, epochs=3):
     L.seed_everything(0)
     model = TinyMTL(k=3)
-    tele = SymmetryTeleportCallback(teleporter={"inner_steps": 2}, schedule={"every": 3, "max_per_epoch": None},
+    tele = SymmetryTeleportCallback(teleporter={"inner_steps": 2, "min_gain": 0.02}, schedule={"every": 3, "max_per_epoch": None},
                                     seed=7)
     callbacks = [tele]
     if ckpt_dir is not None:
@@ -114,7 +114,8 @@ def test_resume_with_teleports_is_bit_identical_to_the_uninterrupted_run(tmp_pat
     whole, tele = _forced_run()
     _forced_run(ckpt_dir=tmp_path, epochs=1)
     resumed, tele2 = _forced_run(resume=tmp_path / "last.ckpt")
-    assert tele.num_teleports == tele2.num_teleports >= 6
+    assert tele.num_teleports == tele2.num_teleports >= 3  # the gain search ran, on restarted adapters too
+    assert [r.accepted for r in tele.history] == [r.accepted for r in tele2.history]
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
 

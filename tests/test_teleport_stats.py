@@ -21,7 +21,7 @@ def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
     argv = ["--datasets", "multimnist", "yeast", "--epochs", "2", "--force-every", "6", "--min-steps-between", "1",
             "--data-kw", json.dumps({"multimnist": {"num_train": 640, "num_val": 100, "num_test": 100},
                                      "yeast": {"batch_size": 256}}),
-            "--cost-kw", json.dumps({"teleporter": {"inner_steps": 2}}), "--out", str(tmp_path)]
+            "--cost-kw", json.dumps({"teleporter": {"inner_steps": 2, "min_gain": None}}), "--out", str(tmp_path)]
     results = teleport_stats.main(argv)
     assert [(r["dataset"], r["rule"]) for r in results] == [
         ("multimnist", "majority"), ("multimnist", "any"), ("yeast", "majority"), ("yeast", "any")]

@@ -114,6 +114,25 @@ class TeleportAdapter:
         for p in self.lora_parameters():
             p.requires_grad_(True)
 
+    @torch.no_grad()
+    def restart(self, generator: torch.Generator | None = None) -> None:
+        """Back to ``dtheta = 0`` with a fresh draw of ``A`` (a new inner search from the same point)."""
+        if not self.active:
+            raise RuntimeError("inject() the adapter first")
+        self._initialise(generator)
+        for d in self.deltas:
+            d.zero_()
+
+    def values(self) -> list[Tensor]:
+        """A copy of :meth:`parameters` (to come back to with :meth:`load`)."""
+        return [p.detach().clone() for p in self.parameters()]
+
+    @torch.no_grad()
+    def load(self, values: Sequence[Tensor]) -> None:
+        """Set :meth:`parameters` to ``values`` (from :meth:`values` of this adapter)."""
+        for p, v in zip(self.parameters(), values, strict=True):
+            p.copy_(v)
+
     def parameters(self) -> list[Tensor]:
         """The trainable tensors of ``dtheta``: LoRA ``A``/``B`` matrices, then the dense deltas."""
         return self.lora_parameters() + self.deltas

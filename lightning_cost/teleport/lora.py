@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -38,7 +39,7 @@ class LoRAConfig:
         inner_lr_scale: see ``inner_lr``.
         lr_schedule: ``"cosine"`` (annealed to 0 over the inner steps, so the search settles on the level
             set) or ``"constant"``.
-        gamma: weight of ``L_g`` in eq. 11.
+        gamma: weight of ``L_g`` in eq. 11 (with ``min_gain``, the first try's: the search raises it).
         invariance: ``L_t``: ``"absolute"`` (eq. 7, ``mean_i |L_i - L_i*|``) or ``"squared_relative"``
             (``mean_i ((L_i - L_i*) / (drift_scale L_i*))^2``: the same minimiser, a gradient that grows
             with the drift, the same scale for every task).
@@ -57,6 +58,17 @@ class LoRAConfig:
         use_lora: ``False``: a dense delta on every parameter instead of LoRA.
         batched_perturbations: evaluate the ``n~`` random perturbations in one ``torch.func.vmap`` pass.
         loss_tolerance, abs_tolerance: acceptance test, ``|L_i - L_i*| <= loss_tolerance |L_i*| + abs_tolerance``.
+        min_gain: the effect a teleport must reach: the norm of the gradient of ``sum_i R_i L_i`` (what
+            eq. 8 measures, to first order) at the found point at least ``1 + min_gain`` times its norm at
+            the start, with every task loss inside the acceptance test. The inner loop is
+            rerun from ``dtheta = 0`` with ``gamma`` searched over up to ``max_tries`` tries (times
+            ``gamma_growth`` after a try that stayed on the level set but gained less, divided by it after
+            one that left it, the geometric mean once both are known): the pull of ``L_g`` that a model
+            needs is found on that model, not set in advance. The try with the largest gain is kept, and
+            the teleport is rejected if none reaches ``min_gain``. ``None``: one inner loop at
+            the given learning rate, whatever it reaches (the paper's procedure; also with ``use_lg=False`` or
+            ``gamma=0``, where nothing pulls ``L_g``).
+        max_tries, gamma_growth: see ``min_gain``; ``gamma`` is the first try's weight.
     """
 
     rank: int = 5
@@ -81,14 +93,17 @@ class LoRAConfig:
     batched_perturbations: bool = False
     loss_tolerance: float = 0.01
     abs_tolerance: float = 1e-6
+    min_gain: float | None = 0.05
+    max_tries: int = 5
+    gamma_growth: float = 4.0
 
     @classmethod
     def paper(cls, **overrides: Any) -> LoRAConfig:
         """Eqs. 7-11 as published: ``|L_i - L_i*|``, ``n~ = 5`` random draws at ``delta = 1e-2``, the plain
-        perturbed loss, ``gamma = 0.05``, 10 inner steps at the outer learning rate, 5 % tolerance."""
+        perturbed loss, ``gamma = 0.05``, 10 inner steps at the outer learning rate (one try), 5 % tolerance."""
         settings = dict(inner_steps=10, lr_schedule="constant", gamma=0.05, invariance="absolute",
                         perturbation="random", relative_radius=False, sharpness="perturbed", normalise=False,
-                        loss_tolerance=0.05, abs_tolerance=1e-4)
+                        loss_tolerance=0.05, abs_tolerance=1e-4, min_gain=None)
         return cls(**{**settings, **overrides})
 
     def __post_init__(self) -> None:
@@ -112,6 +127,11 @@ class LoRAConfig:
             raise ValueError("at least one of use_lt and use_lg must be True")
         check_float("loss_tolerance", self.loss_tolerance, minimum=0.0)
         check_float("abs_tolerance", self.abs_tolerance, minimum=0.0)
+        check_float("min_gain", self.min_gain, positive=True, optional=True)
+        check_int("max_tries", self.max_tries, 1)
+        check_float("gamma_growth", self.gamma_growth, minimum=1.0)
+        if self.gamma_growth == 1.0 and self.min_gain is not None and self.max_tries > 1:
+            raise ValueError("gamma_growth must be > 1 when min_gain searches over several tries")
 
 
 class LoRATeleporter(Teleporter):
@@ -141,30 +161,24 @@ class LoRATeleporter(Teleporter):
         adapter = TeleportAdapter(problem.module, problem.params, cfg.rank, cfg.alpha, cfg.use_lora)
         ratios = balance_ratios(problem.jacobian.norm(dim=1).float(), cfg.ratio).to(problem.target.device)
         radius = cfg.radius * problem.snapshot.weight_norm() if cfg.relative_radius else cfg.radius
+        lr = cfg.inner_lr if cfg.inner_lr is not None else cfg.inner_lr_scale * problem.lr
+        search = _Search(self, problem, adapter, ratios, radius)
         adapter.inject(problem.generator)
-        trace: list[dict[str, float]] = []
         try:
-            for p in adapter.lora_parameters():
-                broadcast_(p.data)  # identical on every rank whatever their generators did
-            lr = cfg.inner_lr if cfg.inner_lr is not None else cfg.inner_lr_scale * problem.lr
-            inner = torch.optim.Adam(adapter.parameters(), lr=lr)
-            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, cfg.inner_steps) \
-                if cfg.lr_schedule == "cosine" else None
             with torch.enable_grad(), keep_buffers(problem.module):
-                for _ in range(cfg.inner_steps):
-                    objective, terms = self._objective(problem, adapter, ratios, radius)
-                    _step(inner, objective, adapter.parameters())
-                    if schedule is not None:
-                        schedule.step()
-                    trace.append(terms)
+                if cfg.min_gain is None or not cfg.use_lg or cfg.gamma == 0:
+                    search.inner_loop(lr, cfg.gamma)
+                else:
+                    search.run(lr, cfg.gamma)
             adapter.merge()
         finally:
             adapter.discard()  # a no-op after the merge; removes the adapters after a failure
-        return Move(trace=trace)
+        return Move(trace=search.trace)
 
-    def _objective(self, problem: TeleportProblem, adapter: TeleportAdapter, ratios: Tensor, radius: float
-                   ) -> tuple[Tensor, dict[str, float]]:
-        """``L_lora`` (eq. 11) at the adapter's current ``dtheta``, and its terms for the record."""
+    def _objective(self, problem: TeleportProblem, adapter: TeleportAdapter, ratios: Tensor, radius: float,
+                   gamma: float) -> tuple[Tensor, dict[str, float], Tensor]:
+        """``L_lora`` (eq. 11, ``L_g`` weighted by ``gamma``) at the adapter's current ``dtheta``, its terms
+        for the record, and the task losses there."""
         cfg = self.config
         base = adapter.overrides()  # theta + dtheta, shared by every evaluation of this step
         losses = problem.evaluator(problem.batches, base)
@@ -180,9 +194,9 @@ class LoRATeleporter(Teleporter):
             term = self._sharpness_term(problem, adapter, base, losses, ratios, radius)
             if cfg.normalise:
                 term = term / (ratios * problem.target).mean().abs().clamp_min(1e-12)
-            objective = objective - cfg.gamma * term
+            objective = objective - gamma * term
             lg = float(term.detach())
-        return objective, {"objective": float(objective.detach()), "l_t": float(lt.detach()), "l_g": lg}
+        return objective, {"objective": float(objective.detach()), "l_t": float(lt.detach()), "l_g": lg}, losses
 
     def _sharpness_term(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
                         losses: Tensor, ratios: Tensor, radius: float) -> Tensor:
@@ -196,11 +210,7 @@ class LoRATeleporter(Teleporter):
     def _ascent(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
                 losses: Tensor, ratios: Tensor, radius: float) -> list[Tensor]:
         """``delta * g / ||g||`` for ``g`` the (global) gradient of ``sum_i R_i L_i`` at ``theta + dtheta``."""
-        points = [base.get(adapter.name_of(p), p) for p in problem.params]
-        grads = torch.autograd.grad((ratios * losses).mean(), points, retain_graph=True, allow_unused=True)
-        grads = [all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
-                 for g, p in zip(grads, problem.params, strict=True)]
-        return ascent_direction(grads, radius)
+        return ascent_direction(weighted_gradient(problem, adapter, base, losses, ratios), radius)
 
     def _largest_draw(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
                       losses: Tensor, ratios: Tensor, radius: float) -> list[Tensor]:
@@ -223,6 +233,87 @@ class LoRATeleporter(Teleporter):
         if self.config.sharpness == "difference":
             return sharpness(perturbed - unperturbed, ratios)
         return sharpness(perturbed, ratios)
+
+
+def weighted_gradient(problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor], losses: Tensor,
+                      ratios: Tensor) -> list[Tensor]:
+    """The (global) gradient of ``(1/K) sum_i R_i L_i`` w.r.t. the teleported parameters at ``base``."""
+    points = [base.get(adapter.name_of(p), p) for p in problem.params]
+    grads = torch.autograd.grad((ratios * losses).mean(), points, retain_graph=True, allow_unused=True)
+    return [all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
+            for g, p in zip(grads, problem.params, strict=True)]
+
+
+class _Search:
+    """The inner loop of one teleport, and the search over its learning rate for ``min_gain``."""
+
+    def __init__(self, teleporter: LoRATeleporter, problem: TeleportProblem, adapter: TeleportAdapter,
+                 ratios: Tensor, radius: float) -> None:
+        self.teleporter, self.problem, self.adapter = teleporter, problem, adapter
+        self.ratios, self.radius = ratios, radius
+        self.trace: list[dict[str, float]] = []
+
+    def inner_loop(self, lr: float, gamma: float, attempt: int = 0) -> None:
+        """``inner_steps`` Adam steps on ``L_lora`` (weight ``gamma``) from the adapter's current ``dtheta``."""
+        cfg = self.teleporter.config
+        params = self.adapter.parameters()
+        for p in self.adapter.lora_parameters():
+            broadcast_(p.data)  # identical on every rank whatever their generators did
+        inner = torch.optim.Adam(params, lr=lr)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, cfg.inner_steps) \
+            if cfg.lr_schedule == "cosine" else None
+        for _ in range(cfg.inner_steps):
+            objective, terms, _ = self.teleporter._objective(self.problem, self.adapter, self.ratios, self.radius,
+                                                             gamma)
+            _step(inner, objective, params)
+            if schedule is not None:
+                schedule.step()
+            self.trace.append({**terms, "try": float(attempt), "gamma": gamma})
+
+    def run(self, lr: float, gamma: float) -> None:
+        """Tries at searched ``gamma`` until one reaches ``min_gain`` (see :class:`LoRAConfig`); leaves the
+        adapter at the best try; :class:`TeleportRejected` if no try reaches it."""
+        cfg = self.teleporter.config
+        start = self.grad_norm()[0]  # at dtheta = 0, before any try
+        low = high = None  # the largest gamma that stayed on the level set, the smallest that left it
+        best: tuple[float, float, list[Tensor]] | None = None  # (gain, gamma, adapter values)
+        for attempt in range(cfg.max_tries):
+            if attempt:
+                self.adapter.restart(self.problem.generator)
+            self.inner_loop(lr, gamma, attempt)
+            gain, on_level = self._outcome(start)
+            if on_level and (best is None or gain > best[0]):
+                best = (gain, gamma, self.adapter.values())
+            if on_level and gain >= cfg.min_gain:  # type: ignore[operator]
+                break
+            low, high = (gamma, high) if on_level else (low, gamma)
+            gamma = (low * cfg.gamma_growth if high is None else high / cfg.gamma_growth if low is None
+                     else math.sqrt(low * high))
+        if best is None:
+            raise TeleportRejected(f"no inner try stayed within the loss tolerance ({cfg.max_tries} tries, "
+                                   f"the smallest gamma {high:.3g})")
+        if best[0] < cfg.min_gain:  # type: ignore[operator]
+            raise TeleportRejected(f"no inner try raised the weighted gradient norm by {cfg.min_gain:.0%} within the loss tolerance "
+                                   f"(best {best[0]:+.1%} at gamma {best[1]:.3g}, {cfg.max_tries} tries)")
+        self.adapter.load(best[2])
+
+    def _outcome(self, start: float) -> tuple[float, bool]:
+        """The relative gain of :meth:`grad_norm` over ``start`` at the adapter's ``dtheta``, and whether
+        every task loss there passes the teleporter's acceptance test."""
+        norm, losses = self.grad_norm()
+        target, tp = self.problem.target, self.teleporter
+        on_level = bool(torch.isfinite(losses).all()) and bool(
+            ((losses - target).abs() <= tp.loss_tolerance * target.abs() + tp.abs_tolerance).all())
+        gain = norm / start - 1.0 if start > 0 else (math.inf if norm > 0 else 0.0)
+        return gain, on_level
+
+    def grad_norm(self) -> tuple[float, Tensor]:
+        """``||grad sum_i R_i L_i||`` (what eq. 8 measures, to first order) at ``theta + dtheta``, and the
+        task losses there."""
+        base = self.adapter.overrides()
+        losses = self.problem.evaluator(self.problem.batches, base)
+        grads = weighted_gradient(self.problem, self.adapter, base, losses, self.ratios)
+        return math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads)), losses.detach()
 
 
 def _step(inner: torch.optim.Optimizer, objective: Tensor, params: list[Tensor]) -> None:
