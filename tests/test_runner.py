@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import csv
 import io
 import json
@@ -587,3 +588,26 @@ def test_relative_warmup_is_resolved_from_the_base_run_of_the_same_seed(tmp_path
     expected = int(0.5 * (base["best_epoch"] + 1) * 5)  # 5 steps per epoch
     assert late["resolved_schedule"] == {"warmup_steps": expected, "max_per_epoch": 1}
     assert all(t["step"] >= expected for t in late["teleport_history"])
+
+
+def test_the_cache_key_holds_the_lora_teleporters_defaults(tmp_path: Path) -> None:
+    """A LoRA variant's key spells out every LoRA setting, so a changed library default retrains it."""
+    from benchmarks.runner.grid import base_record, plan_jobs
+    from lightning_cost.teleport.lora import LoRAConfig
+
+    variants = {"plain": {"transfer": "htr"}, "same": {"transfer": "htr", "teleporter": {"name": "lora",
+                                                                                          "min_gain": 0.05}},
+                "other": {"transfer": "htr", "teleporter": {"name": "lora", "min_gain": 0.2}},
+                "moves": {"transfer": "transport", "teleporter": {"name": "rescale"}}}
+    cfg = RunnerConfig(dataset="yeast", methods=["fairgrad"], cost=["none", *variants], cost_variants=variants,
+                       seeds=[0], baselines=False)
+    keys = {j.cost: j.key for j in plan_jobs(cfg, tmp_path, ["a", "b"], {"yeast": "0" * 64})}
+    assert keys["plain"]["lora"] == dataclasses.asdict(LoRAConfig()) and keys["plain"]["lora"]["min_gain"] == 0.05
+    assert keys["plain"]["lora"] == keys["same"]["lora"] and keys["other"]["lora"]["min_gain"] == 0.2
+    assert "lora" not in keys["moves"] and "lora" not in keys["none"]
+    base = next(j for j in plan_jobs(cfg, tmp_path, ["a", "b"], {"yeast": "0" * 64}) if j.cost == "none")
+    from benchmarks.runner.grid import fingerprint
+    cost_job = next(j for j in plan_jobs(cfg, tmp_path, ["a", "b"], {"yeast": "0" * 64}) if j.cost == "plain")
+    base.path.parent.mkdir(parents=True, exist_ok=True)
+    base.path.write_text(json.dumps({"config_hash": fingerprint(base.key)}))
+    assert base_record(cost_job) is not None  # the base run is still found under the longer key

@@ -22,8 +22,8 @@ from typing import Any
 
 __all__ = ["first_attempt", "derived_record"]
 
-#: keys of a run's cache key that a COST run and its base share
-_COST_KEYS = ("cost", "cost_spec")
+#: keys of a run's cache key that only a COST run has or that differ from its base run's
+_COST_KEYS = ("cost", "cost_spec", "lora")
 
 
 def _trigger_rule(spec: Mapping[str, Any]) -> str | None:

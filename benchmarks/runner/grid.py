@@ -111,16 +111,44 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
                "seed": s}
         if _gramian_method(m):  # runs on the Gramian engine: equal to the Jacobian engine's up to rounding only
             key["engine"] = "gramian"
+        lora = lora_settings(cfg.spec(c))
+        if lora is not None:  # the library's defaults too: a changed default retrains, never reuses a stale run
+            key["lora"] = lora
         jobs.append(Job("run", out / "runs" / f"{m}__cost-{c}__seed{s}.json", key, s, method=m, cost=c,
                         control_of=cfg.control_of(c)))
     return jobs
+
+
+def lora_settings(spec: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Every setting of the LoRA teleporter a COST spec builds, defaults included (``None``: another
+    teleporter or no COST)."""
+    if spec is None:
+        return None
+    tele = spec.get("teleporter", "lora")
+    if isinstance(tele, str):
+        name, settings = tele, {}
+    elif isinstance(tele, dict):
+        settings = {k: v for k, v in tele.items() if k != "name"}
+        name = tele.get("name", "lora")
+    else:
+        return None
+    if name != "lora":
+        return None
+    from lightning_cost.teleport.lora import LoRAConfig
+
+    return dataclasses.asdict(LoRAConfig(**settings))
+
+
+def base_key_of(job: Job) -> dict[str, Any]:
+    """The cache key of a COST job's base run: the same settings without COST."""
+    return {k: v for k, v in job.key.items() if k != "lora"} | {"cost": "none", "cost_spec": None}
 
 
 def base_record(job: Job) -> tuple[dict[str, Any], str] | None:
     """The finished base run of a COST job (same settings, cost ``none``) and its file name, or ``None``."""
     if job.kind != "run" or job.cost == "none":
         return None
-    base_key = {**job.key, "cost": "none", "cost_spec": None}
+    base_key = base_key_of(job)
     base_path = job.path.with_name(f"{job.method}__cost-none__seed{job.seed}.json")
     base = load_json(base_path)
     return (base, base_path.name) if base is not None and base.get("config_hash") == fingerprint(base_key) else None
@@ -149,7 +177,7 @@ def derive_if_silent(job: Job, cfg: RunnerConfig, base: tuple[dict[str, Any], st
     if not cfg.derive_silent or base is None or spec is None:
         return None
     needs_gradients = not issubclass(aggregator_class(job.method), LossWeighting)
-    base_key = {**job.key, "cost": "none", "cost_spec": None}
+    base_key = base_key_of(job)
     return derived_record(base[0], {**job.key, "cost_spec": spec}, base_key, base[1], needs_gradients)
 
 
