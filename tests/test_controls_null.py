@@ -71,7 +71,7 @@ def adam_expected(m, v, g, step):
     return m, v, update
 
 
-@pytest.mark.parametrize("transfer", ["htr", "transport", "keep", "reset", "reset_step"])
+@pytest.mark.parametrize("transfer", ["htr", "transport", "keep", "reset", "reset_step", "restart_if_opposed"])
 def test_null_teleport_keeps_the_weights_drops_the_step_and_changes_the_state_as_its_transfer_says(transfer):
     model, tele, before, after, shared = run(transfer)
     # the weights: bit for bit the snapshot at the teleport, and the step is dropped (every weight, heads too)
@@ -85,7 +85,9 @@ def test_null_teleport_keeps_the_weights_drops_the_step_and_changes_the_state_as
         assert int(s0[i]["step"]) == t0
         g, m0, v0 = before[AT + 1]["g"][i], s0[i]["exp_avg"], s0[i]["exp_avg_sq"]
         new = before[AT + 2]["state"][i]
-        policy = transfer if is_shared else "keep"  # the heads' state is never touched
+        policy = transfer if is_shared else "keep"  # the heads' state is never touched ...
+        if transfer == "restart_if_opposed":
+            policy = "reset"  # ... except by a fresh optimizer: no move, cos = 0, every state forgotten
         # right after the teleport (before the next step)
         if policy == "reset":
             assert s1[i] == {}
@@ -113,7 +115,7 @@ def test_null_teleport_keeps_the_weights_drops_the_step_and_changes_the_state_as
     assert rec.accepted and rec.applied and not rec.moved and tele.num_teleports == 1
     assert rec.displacement_norm == 0.0 and rec.loss_drift == 0.0 and rec.losses_after == rec.losses_before
     assert rec.after == rec.before  # nothing moved: the same gradients
-    assert rec.sigma == (0.0 if transfer == "htr" else None)
+    assert rec.sigma == (0.0 if transfer in ("htr", "restart_if_opposed") else None)
     assert tele.records.state_dict()["history"][0]["applied"] is True
 
 

@@ -60,7 +60,7 @@ def test_cost_variants_are_presets_merged_over_cost_kw() -> None:
     # the preset's own values win, dicts are merged key by key
     assert cost_spec("authors", shared, variants) == {
         "teleporter": {"name": "lora", "inner_steps": 100, "gamma": 0.05}, "trigger": "any",
-        "schedule": {"warmup_epochs": 1, "warmup_fraction": 0.25, "max_per_epoch": 1}}
+        "schedule": {"warmup_epochs": 1, "warmup_fraction": 0.25, "max_per_epoch": 1}, "transfer": "restart_if_opposed"}
 
 
 def test_every_preset_builds_its_callback() -> None:

@@ -134,3 +134,26 @@ def test_reset_keep_and_pending_htr():
         StateTransfer("transport").after_teleport(opt, [p], d, g, None)  # no factors: not an exact symmetry
     with pytest.raises(ValueError):
         StateTransfer("forget")
+
+
+def test_restart_if_opposed_forgets_every_parameters_state_only_when_the_move_opposes_the_gradient():
+    torch.manual_seed(0)
+    shared, head = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(2))
+    opt = adam_with_state([shared, head])
+    before = {id(p): {k: v.clone() for k, v in opt.state[p].items()} for p in (shared, head)}
+    lr = opt.param_groups[0]["lr"]
+    rule = StateTransfer("restart_if_opposed")
+    d, g = torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert rule.after_teleport(opt, [shared], d, g, None) == pytest.approx(1 / math.sqrt(2))
+    for p in (shared, head):  # aligned: nothing changes
+        assert all(torch.equal(before[id(p)][k], opt.state[p][k]) for k in before[id(p)])
+    assert rule.after_teleport(opt, [shared], -d, g, None) == pytest.approx(-1 / math.sqrt(2))
+    assert len(opt.state) == 0 and opt.param_groups[0]["lr"] == lr  # a fresh Adam, heads included
+    # what a fresh Adam does from here is what the restarted one does
+    fresh = torch.optim.Adam([nn.Parameter(shared.detach().clone())], lr=lr)
+    grad = torch.randn(4)
+    shared.grad, fresh.param_groups[0]["params"][0].grad = grad.clone(), grad.clone()
+    opt.step(), fresh.step()
+    assert torch.equal(shared.detach(), fresh.param_groups[0]["params"][0].detach())
+    opt2 = adam_with_state([shared])  # no move (the null teleporter): cos is 0, the optimizer restarts
+    assert rule.after_teleport(opt2, [shared], torch.zeros(4), g, None) == 0.0 and len(opt2.state) == 0

@@ -5,7 +5,7 @@ A config names its presets (``cost_variants``) and picks the ones to run (``cost
     cost_variants:
       paper: {}                                   # the callback's defaults: eq. 4 trigger, LoRA, HTR
       authors: {trigger: any, schedule: {warmup_fraction: 0.25, max_per_epoch: 1},
-                teleporter: {name: lora, inner_steps: 100}}
+                teleporter: {name: lora, inner_steps: 100}, transfer: restart_if_opposed}
       rescale: {trigger: any, schedule: {warmup_fraction: 0.25, max_per_epoch: 1},
                 teleporter: {name: rescale, objective: conflict}}
     cost: [none, paper, authors]
@@ -49,7 +49,7 @@ CONTROL_OF = "control_of"
 DEFAULT_COST_VARIANTS: dict[str, dict[str, Any]] = {
     "paper": {},
     "authors": {"trigger": "any", "schedule": {"warmup_fraction": 0.25, "max_per_epoch": 1},
-                "teleporter": {"name": "lora", "inner_steps": 100}},
+                "teleporter": {"name": "lora", "inner_steps": 100}, "transfer": "restart_if_opposed"},
     "rescale": {"trigger": "any", "schedule": {"warmup_fraction": 0.25, "max_per_epoch": 1},
                 "teleporter": {"name": "rescale", "objective": "conflict"}},
 }

@@ -54,7 +54,8 @@ class SymmetryTeleportCallback(L.Callback):
         schedule: warm-up, spacing, cap per epoch, ``check_every``, forced teleports
             (:class:`TeleportSchedule` or a mapping of its settings).
         transfer: the optimizer-state policy after a teleport (``"htr"``, ``"transport"``, ``"keep"``,
-            ``"reset"``, ``"reset_step"``, or a :class:`StateTransfer`); ``None``: the teleporter's default.
+            ``"reset"``, ``"reset_step"``, ``"restart_if_opposed"``, or a :class:`StateTransfer`); ``None``: the
+            teleporter's default.
         teleport_batches: 0 teleports on the step's batch; ``N > 0`` also on ``N`` batches drawn from the
             training loader (``L*``, the Jacobian of eq. 10 and the effect are measured on all of them).
         measure: also compute the per-task gradients after each teleport for its record (one Jacobian,

@@ -16,6 +16,12 @@
   SGD is refused when training starts (use ``"keep"``: it would be the same); for any other optimizer
   without ``step`` entries the state is left unchanged, with a warning once.
 
+* ``"restart_if_opposed"``: the state rule of the authors' public code: when ``cos(dtheta, g') <= 0`` the
+  optimizer starts afresh (the state of *every* parameter it holds is forgotten, heads included, as a new
+  Adam would), otherwise the state is kept as it is. The learning rate and any scheduler are left alone:
+  only the optimizer's state is the transfer's to change. Under the ``"null"`` teleporter ``dtheta = 0``, so
+  ``cos`` is 0 and its control restarts the optimizer at every accepted step.
+
 Under the ``"null"`` teleporter (no move) each policy acts as written here with ``dtheta = 0``; ``htr``'s
 ``sigma`` is then 0 (:mod:`lightning_cost.teleport.null`).
 """
@@ -34,7 +40,7 @@ from lightning_cost.teleport.htr import apply_htr, htr_sigma
 
 __all__ = ["TRANSFERS", "StateTransfer", "reset_step_count", "transport_state"]
 
-TRANSFERS = ("htr", "transport", "keep", "reset", "reset_step")
+TRANSFERS = ("htr", "transport", "keep", "reset", "reset_step", "restart_if_opposed")
 
 #: optimizer state entries that scale like the gradient (power 1) or its square (power 2)
 _SCALING = {"exp_avg": 1, "momentum_buffer": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 2}
@@ -64,7 +70,13 @@ class StateTransfer:
 
     def after_teleport(self, optimizer: Any, params: Sequence[nn.Parameter], displacement: Tensor,
                        last_gradient: Tensor | None, factors: Sequence[Tensor] | None) -> float | None:
-        """Apply the policy right after an accepted move; returns ``sigma`` for ``htr``."""
+        """Apply the policy right after an accepted move; returns ``sigma`` for ``htr`` and
+        ``restart_if_opposed`` (the cosine it decided on)."""
+        if self.policy == "restart_if_opposed":
+            sigma = htr_sigma(displacement, last_gradient) if last_gradient is not None else 0.0
+            if sigma <= 0:
+                optimizer.state.clear()
+            return sigma
         if self.policy == "htr":
             sigma = htr_sigma(displacement, last_gradient) if last_gradient is not None else 0.0
             self.pending_sigma = sigma
