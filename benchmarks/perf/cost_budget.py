@@ -13,8 +13,8 @@ Sections (``--sections``, default ``budget``):
   fires on MultiMNIST (K = 2) at these settings, so the budget axis *forces* teleports:
   schedule ``max_per_epoch = b`` and ``every = steps_per_epoch // b`` (evenly spaced, the
   callback's own option), for ``b`` in ``--budgets`` teleports per epoch, and one curve per
-  ``--inner-steps`` value (``T[@LR][:nohtr]``: T inner steps at inner lr LR, optionally without
-  HTR). ``cost-default`` is COST exactly as cost_budget.yaml configures it (trigger-driven); ``cost-b0``
+  ``--inner-steps`` value (``T[@LR][:nohtr]``: one inner loop of T steps at inner lr LR, without the LoRA
+  teleporter's gain search, optionally without HTR). ``cost-default`` is COST exactly as cost_budget.yaml configures it (trigger-driven); ``cost-b0``
   checks the trigger and never teleports. Runs reuse :func:`benchmarks.runner.train.train_one` (the runner's
   module, callbacks, epoch selection and test). Each repeat runs every point once, in a shuffled
   order, and every time ratio divides by the FairGrad run *of the same repeat*; the table gives the
@@ -124,7 +124,8 @@ def point_spec(cfg: RunnerConfig, budget: int | None, inner: str | int | None, s
     over: dict[str, Any] = {}
     if inner is not None:
         steps, lr, htr = parse_inner(inner)
-        over["teleporter"] = {"inner_steps": steps, **({"inner_lr": lr} if lr is not None else {})}
+        # one inner loop of exactly T steps (no gain search), so the curve is the cost of T steps
+        over["teleporter"] = {"inner_steps": steps, "min_gain": None, **({"inner_lr": lr} if lr is not None else {})}
         if not htr:
             over["transfer"] = "keep"
     if budget is not None:
