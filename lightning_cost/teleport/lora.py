@@ -176,9 +176,9 @@ class LoRATeleporter(Teleporter):
         return Move(trace=search.trace)
 
     def _objective(self, problem: TeleportProblem, adapter: TeleportAdapter, ratios: Tensor, radius: float,
-                   gamma: float) -> tuple[Tensor, dict[str, float], Tensor]:
-        """``L_lora`` (eq. 11, ``L_g`` weighted by ``gamma``) at the adapter's current ``dtheta``, its terms
-        for the record, and the task losses there."""
+                   gamma: float) -> tuple[Tensor, dict[str, float]]:
+        """``L_lora`` (eq. 11, ``L_g`` weighted by ``gamma``) at the adapter's current ``dtheta``, and its terms
+        for the record."""
         cfg = self.config
         base = adapter.overrides()  # theta + dtheta, shared by every evaluation of this step
         losses = problem.evaluator(problem.batches, base)
@@ -196,7 +196,7 @@ class LoRATeleporter(Teleporter):
                 term = term / (ratios * problem.target).mean().abs().clamp_min(1e-12)
             objective = objective - gamma * term
             lg = float(term.detach())
-        return objective, {"objective": float(objective.detach()), "l_t": float(lt.detach()), "l_g": lg}, losses
+        return objective, {"objective": float(objective.detach()), "l_t": float(lt.detach()), "l_g": lg}
 
     def _sharpness_term(self, problem: TeleportProblem, adapter: TeleportAdapter, base: dict[str, Tensor],
                         losses: Tensor, ratios: Tensor, radius: float) -> Tensor:
@@ -245,7 +245,7 @@ def weighted_gradient(problem: TeleportProblem, adapter: TeleportAdapter, base: 
 
 
 class _Search:
-    """The inner loop of one teleport, and the search over its learning rate for ``min_gain``."""
+    """The inner loop of one teleport, and the search over ``gamma`` for ``min_gain``."""
 
     def __init__(self, teleporter: LoRATeleporter, problem: TeleportProblem, adapter: TeleportAdapter,
                  ratios: Tensor, radius: float) -> None:
@@ -263,7 +263,7 @@ class _Search:
         schedule = torch.optim.lr_scheduler.CosineAnnealingLR(inner, cfg.inner_steps) \
             if cfg.lr_schedule == "cosine" else None
         for _ in range(cfg.inner_steps):
-            objective, terms, _ = self.teleporter._objective(self.problem, self.adapter, self.ratios, self.radius,
+            objective, terms = self.teleporter._objective(self.problem, self.adapter, self.ratios, self.radius,
                                                              gamma)
             _step(inner, objective, params)
             if schedule is not None:
@@ -301,9 +301,7 @@ class _Search:
         """The relative gain of :meth:`grad_norm` over ``start`` at the adapter's ``dtheta``, and whether
         every task loss there passes the teleporter's acceptance test."""
         norm, losses = self.grad_norm()
-        target, tp = self.problem.target, self.teleporter
-        on_level = bool(torch.isfinite(losses).all()) and bool(
-            ((losses - target).abs() <= tp.loss_tolerance * target.abs() + tp.abs_tolerance).all())
+        on_level = self.teleporter.on_level_set(self.problem, losses)
         gain = norm / start - 1.0 if start > 0 else (math.inf if norm > 0 else 0.0)
         return gain, on_level
 

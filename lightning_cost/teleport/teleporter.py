@@ -117,6 +117,14 @@ class Teleporter(ABC):
         record.seconds = time.perf_counter() - start
         return move
 
+    def _bound(self, problem: TeleportProblem) -> Tensor:
+        """The largest drift each task loss may have: ``loss_tolerance |L_i*| + abs_tolerance``."""
+        return self.loss_tolerance * problem.target.abs() + self.abs_tolerance
+
+    def on_level_set(self, problem: TeleportProblem, losses: Tensor) -> bool:
+        """Whether ``losses`` pass the acceptance test of :meth:`_verify` (finite, every drift in bound)."""
+        return bool(torch.isfinite(losses).all()) and not bool(((losses - problem.target).abs() > self._bound(problem)).any())
+
     def _verify(self, problem: TeleportProblem) -> Tensor:
         """The global task losses at the new point; :class:`TeleportRejected` if they drifted."""
         if not all(torch.isfinite(p).all() for p in problem.params):
@@ -125,7 +133,7 @@ class Teleporter(ABC):
             losses = problem.evaluator(problem.batches).detach()
         if not torch.isfinite(losses).all():
             raise TeleportRejected("non-finite losses after the move")
-        bound = self.loss_tolerance * problem.target.abs() + self.abs_tolerance
+        bound = self._bound(problem)
         if ((losses - problem.target).abs() > bound).any():
             worst = int(((losses - problem.target).abs() / bound).argmax())
             name = list(getattr(problem.module, "task_names", range(len(losses))))[worst]

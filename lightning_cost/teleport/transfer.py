@@ -72,14 +72,12 @@ class StateTransfer:
                        last_gradient: Tensor | None, factors: Sequence[Tensor] | None) -> float | None:
         """Apply the policy right after an accepted move; returns ``sigma`` for ``htr`` and
         ``restart_if_opposed`` (the cosine it decided on)."""
-        if self.policy == "restart_if_opposed":
+        if self.policy in ("htr", "restart_if_opposed"):
             sigma = htr_sigma(displacement, last_gradient) if last_gradient is not None else 0.0
-            if sigma <= 0:
+            if self.policy == "htr":
+                self.pending_sigma = sigma
+            elif sigma <= 0:
                 optimizer.state.clear()
-            return sigma
-        if self.policy == "htr":
-            sigma = htr_sigma(displacement, last_gradient) if last_gradient is not None else 0.0
-            self.pending_sigma = sigma
             return sigma
         if self.policy == "transport":
             if factors is None:
