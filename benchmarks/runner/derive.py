@@ -20,10 +20,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["first_attempt", "derived_record"]
+__all__ = ["COST_KEYS", "first_attempt", "derived_record"]
 
 #: keys of a run's cache key that only a COST run has or that differ from its base run's
-_COST_KEYS = ("cost", "cost_spec", "lora")
+COST_KEYS = ("cost", "cost_spec", "lora")
 
 
 def _trigger_rule(spec: Mapping[str, Any]) -> str | None:
@@ -66,7 +66,7 @@ def derived_record(base: Mapping[str, Any] | None, key: Mapping[str, Any], base_
     spec = key.get("cost_spec")
     if base is None or spec is None or not needs_gradients:
         return None
-    if {k: v for k, v in key.items() if k not in _COST_KEYS} != {k: v for k, v in base_key.items() if k not in _COST_KEYS}:
+    if {k: v for k, v in key.items() if k not in COST_KEYS} != {k: v for k, v in base_key.items() if k not in COST_KEYS}:
         return None
     if base.get("config", {}).get("cost") != "none" or first_attempt(base, spec) is not None:
         return None

@@ -122,26 +122,21 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
 def lora_settings(spec: dict[str, Any] | None) -> dict[str, Any] | None:
     """Every setting of the LoRA teleporter a COST spec builds, defaults included (``None``: another
     teleporter or no COST)."""
-    if spec is None:
-        return None
-    tele = spec.get("teleporter", "lora")
-    if isinstance(tele, str):
-        name, settings = tele, {}
-    elif isinstance(tele, dict):
-        settings = {k: v for k, v in tele.items() if k != "name"}
-        name = tele.get("name", "lora")
-    else:
-        return None
-    if name != "lora":
-        return None
     from lightning_cost.teleport.lora import LoRAConfig
+    from lightning_cost.teleport.registry import split_spec
 
-    return dataclasses.asdict(LoRAConfig(**settings))
+    tele = None if spec is None else spec.get("teleporter", "lora")
+    if not isinstance(tele, (str, dict)):
+        return None
+    name, settings = split_spec(tele)
+    return dataclasses.asdict(LoRAConfig(**settings)) if name == "lora" else None
 
 
 def base_key_of(job: Job) -> dict[str, Any]:
     """The cache key of a COST job's base run: the same settings without COST."""
-    return {k: v for k, v in job.key.items() if k != "lora"} | {"cost": "none", "cost_spec": None}
+    from benchmarks.runner.derive import COST_KEYS
+
+    return {k: v for k, v in job.key.items() if k not in COST_KEYS} | {"cost": "none", "cost_spec": None}
 
 
 def base_record(job: Job) -> tuple[dict[str, Any], str] | None:

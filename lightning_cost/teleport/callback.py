@@ -24,7 +24,7 @@ from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport._checks import check_bool, check_int
 from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
-from lightning_cost.teleport.registry import build_teleporter
+from lightning_cost.teleport.registry import build_teleporter, split_spec
 from lightning_cost.teleport.schedule import TeleportSchedule
 from lightning_cost.teleport.teleporter import Teleporter, TeleportProblem
 from lightning_cost.teleport.transfer import StateTransfer
@@ -283,11 +283,9 @@ class SymmetryTeleportCallback(L.Callback):
 def _teleporter(spec: str | Mapping[str, Any] | Teleporter) -> Teleporter:
     if isinstance(spec, Teleporter):
         return spec
-    if isinstance(spec, str):
-        return build_teleporter(spec)
-    if isinstance(spec, Mapping):
-        settings = dict(spec)
-        return build_teleporter(settings.pop("name", "lora"), **settings)
+    if isinstance(spec, (str, Mapping)):
+        name, settings = split_spec(spec)
+        return build_teleporter(name, **settings)
     raise TypeError(f"teleporter must be a name, a mapping or a Teleporter, got {type(spec).__name__}")
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from lightning_cost.teleport.teleporter import Teleporter
 
-__all__ = ["TELEPORTERS", "build_teleporter", "teleporter_class"]
+__all__ = ["TELEPORTERS", "build_teleporter", "split_spec", "teleporter_class"]
 
 #: name -> (module, teleporter class, settings class)
 _REGISTRY = {
@@ -30,6 +31,14 @@ def teleporter_class(name: str) -> type[Teleporter]:
     """The class registered as ``name`` (its ``default_transfer`` and ``gives_factors`` without building it)."""
     mod, cls, _ = _entry(name)
     return getattr(mod, cls)
+
+
+def split_spec(spec: str | Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``"lora"`` or ``{"name": "lora", **settings}`` as ``(name, settings)``; the name defaults to ``"lora"``."""
+    if isinstance(spec, str):
+        return spec, {}
+    settings = dict(spec)
+    return settings.pop("name", "lora"), settings
 
 
 def build_teleporter(name: str, **settings: Any) -> Teleporter:
