@@ -250,3 +250,27 @@ def test_min_norm_warm_start_reaches_the_cold_start_optimum(k):
         for start in (np.flatnonzero(cold), rng.choice(k, size=min(k, 3), replace=False), range(k), [0, 0]):
             warm = min_norm_weights(g, start=list(start))
             assert np.abs(warm @ jac - cold @ jac).max() <= 1e-9 * np.abs(cold @ jac).max() + 1e-12
+
+
+def test_kkt_solve_takes_lu_when_well_conditioned_and_least_squares_when_singular():
+    """The affine min-norm step's solve: LU where the system is well conditioned (same answer as
+    least squares), the minimum-norm least-squares solution where it is singular (a support whose
+    points are affinely dependent, e.g. a task listed twice), never a huge or non-finite one."""
+    from lightning_cost.aggregators._common import _affine_min_norm, _solve_kkt
+
+    rng = np.random.default_rng(0)
+    jac = rng.standard_normal((6, 20))
+    g = jac @ jac.T
+    kkt = np.zeros((7, 7))
+    kkt[:6, :6], kkt[:6, 6], kkt[6, :6] = g, 1.0, 1.0
+    rhs = np.zeros(7)
+    rhs[6] = 1.0
+    np.testing.assert_allclose(_solve_kkt(kkt, rhs), np.linalg.lstsq(kkt, rhs, rcond=None)[0], rtol=1e-10, atol=1e-12)
+    # a duplicated point: the KKT matrix is singular; the least-squares answer splits it evenly
+    dup = np.vstack([jac[:3], jac[:1]])
+    mu = _affine_min_norm(dup @ dup.T, [0, 1, 2, 3])
+    assert np.isfinite(mu).all() and abs(mu.sum() - 1.0) < 1e-9
+    assert abs(mu[0] - mu[3]) < 1e-9
+    point = mu @ dup  # the affine min-norm point of the three distinct points
+    ref = _affine_min_norm(jac[:3] @ jac[:3].T, [0, 1, 2]) @ jac[:3]
+    np.testing.assert_allclose(point, ref, rtol=1e-8, atol=1e-10)

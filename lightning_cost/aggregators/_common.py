@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from scipy.linalg import lapack
 from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError
@@ -14,6 +15,8 @@ from lightning_cost.aggregators.base import AggregationError
 __all__ = ["gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+#: below this reciprocal condition number a KKT system is solved by least squares, not LU
+_MIN_RCOND = 1e-10
 
 
 def gramian_as_float64(gramian: Tensor) -> np.ndarray:
@@ -69,22 +72,34 @@ def _affine_min_norm(gramian: np.ndarray, support: Sequence[int]) -> np.ndarray:
     order 1 however much the support's gradient norms differ, where the KKT system in ``mu``
     mixes ``||g_i||^2`` of every size and loses the small ones' digits.
     """
-    s = list(support)
-    n = len(s)
-    sub = gramian[s][:, s]
+    idx = np.asarray(support, dtype=np.intp)
+    n = idx.size
+    sub = gramian[np.ix_(idx, idx)]
     norms = np.sqrt(sub.diagonal())
     if not (norms > 0.0).all():  # a zero gradient in the support: it is the min-norm point itself
         norms = np.ones(n)
     inv = 1.0 / norms
-    border = inv / inv.max()  # the constraint sum_i eta_i / ||g_i|| = 1, scaled to max entry 1
-    kkt = np.zeros((n + 1, n + 1))
-    kkt[:n, :n] = sub / np.outer(norms, norms)
-    kkt[:n, n] = border
-    kkt[n, :n] = border
+    top = inv.max()
+    kkt = np.empty((n + 1, n + 1))
+    np.multiply(sub, np.multiply.outer(inv, inv), out=kkt[:n, :n])
+    kkt[:n, n] = kkt[n, :n] = inv / top  # the constraint sum_i eta_i / ||g_i|| = 1, scaled to max entry 1
+    kkt[n, n] = 0.0
     rhs = np.zeros(n + 1)
-    rhs[n] = 1.0 / inv.max()
-    eta = np.linalg.lstsq(kkt, rhs, rcond=None)[0][:n]
-    return eta * inv
+    rhs[n] = 1.0 / top
+    return _solve_kkt(kkt, rhs)[:n] * inv
+
+
+def _solve_kkt(kkt: np.ndarray, rhs: np.ndarray) -> np.ndarray:
+    """``kkt x = rhs`` by LU where the system is well conditioned (its reciprocal condition number,
+    LAPACK's 1-norm estimate, at least :data:`_MIN_RCOND`), else by least squares (SVD), which
+    also gives the minimum-norm solution of a singular system (an affinely dependent support).
+    The LU path is about five times cheaper; both are backward stable where it is taken."""
+    lu, _, x, info = lapack.dgesv(kkt, rhs)
+    if info == 0 and np.isfinite(x).all():
+        rcond, info = lapack.dgecon(lu, float(np.abs(kkt).sum(axis=0).max()))
+        if info == 0 and rcond >= _MIN_RCOND:
+            return x
+    return np.linalg.lstsq(kkt, rhs, rcond=None)[0]
 
 
 def min_norm_weights(gramian: np.ndarray, tol: float = 1e-12, max_iter: int | None = None,
