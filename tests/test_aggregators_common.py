@@ -99,6 +99,10 @@ def test_without_the_nashmtl_extra_only_building_nash_mtl_fails(monkeypatch, mis
         NashMTL()
     if missing == "ecos":  # another cvxpy solver needs no ECOS
         assert NashMTL(solver="CLARABEL").solver == "CLARABEL"
+    g = gram(rand_jacobian(0, 3, 5, shift=0.5))
+    alpha = fresh(solver="newton").weights(g).numpy()  # the Newton solve needs no cvxpy at all
+    gn = g.numpy() / np.linalg.norm(g.numpy())
+    np.testing.assert_allclose(alpha * (gn @ alpha), 1.0, atol=1e-9)
 
 
 def test_aliases_and_hparams() -> None:

@@ -96,6 +96,18 @@ def test_nash_conflicting_start_and_warm_start() -> None:
     np.testing.assert_allclose(b, a, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k, shift", [(2, 0.5), (3, -0.2), (12, 0.3), (40, 0.2)])
+def test_nash_newton_solve_equals_the_ccp_and_solves_the_equation(k: int, shift: float) -> None:
+    """The Newton solve and the authors' CCP reach the same alpha (one solution of
+    alpha_i (G alpha)_i = 1), also where tasks conflict with the sum (shift < 0)."""
+    for seed in range(3):
+        g = gram(rand_jacobian(seed, k, 3 * k, shift=shift))
+        newton, ccp = NashMTL(solver="newton").weights(g).numpy(), NashMTL().weights(g).numpy()
+        gn = g.numpy() / np.linalg.norm(g.numpy())
+        np.testing.assert_allclose(newton * (gn @ newton), 1.0, atol=1e-9)
+        np.testing.assert_allclose(newton, ccp, rtol=1e-4)
+
+
 def test_nash_failures_raise_aggregation_error() -> None:
     j = rand_jacobian(0, 2, 3)
     with pytest.raises(AggregationError, match="not installed"):
@@ -103,6 +115,8 @@ def test_nash_failures_raise_aggregation_error() -> None:
     opposed = torch.stack([j[0], -j[0]])  # no alpha > 0 with (G alpha)_i = 1/alpha_i
     with pytest.raises(AggregationError):
         NashMTL().aggregate(opposed)
+    with pytest.raises(AggregationError, match="Newton"):
+        NashMTL(solver="newton").aggregate(opposed)
 
 
 def test_nash_update_weights_every_and_state() -> None:

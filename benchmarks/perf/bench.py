@@ -119,7 +119,7 @@ def _ratio(a: float, b: float) -> float:
 class BenchMTL(MultiTaskMixin, L.LightningModule):
     """A shared trunk and K classification heads; ``training_step`` returns the K losses."""
 
-    def __init__(self, trunk: nn.Module, heads: nn.ModuleList, method: str = "ls", lr: float = 1e-3,
+    def __init__(self, trunk: nn.Module, heads: nn.ModuleList, method: Any = "ls", lr: float = 1e-3,
                  **multitask: Any) -> None:
         super().__init__()
         self.trunk, self.heads, self.lr = trunk, heads, lr
@@ -200,7 +200,7 @@ def dataset(kind: str, k: int, batches: int) -> tuple[TensorDataset, int]:
     return TensorDataset(x, torch.randint(0, 10, (bs * batches, k), generator=g)), bs
 
 
-def build(kind: str, k: int, method: str = "ls", **multitask: Any) -> BenchMTL:
+def build(kind: str, k: int, method: Any = "ls", **multitask: Any) -> BenchMTL:
     torch.manual_seed(0)
     parts = {"lenet": lenet_parts, "tox21mlp": tox21_mlp_parts, "resnet18": resnet_parts}[kind]
     trunk, heads = parts(k)

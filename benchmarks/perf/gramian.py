@@ -6,7 +6,7 @@ Run::
 
 For each model and K, one batch, one process, one torch thread: the median time of a full training
 step (forward, per-task gradients, the method's weights, the update's backward, Adam) of FairGrad,
-MGDA, CAGrad, Nash-MTL and PCGrad over the median LS step on the same model and batch (LS measured
+MGDA, CAGrad, Nash-MTL (the authors' CCP, and ``nashmtl_newton``: ``solver="newton"``) and PCGrad over the median LS step on the same model and batch (LS measured
 before, between and after the methods), with
 
 * ``jacobian``: the mixin on the Jacobian engine (``engine="jacobian"``, ``J`` formed),
@@ -32,8 +32,11 @@ import torch
 
 from benchmarks.common import print_and_write, quiet, text_table
 from benchmarks.perf.bench import RssPeak, build, dataset
+from lightning_cost.aggregators import NashMTL
 
-METHODS = ("fairgrad", "mgda", "cagrad", "nashmtl", "pcgrad")
+METHODS = ("fairgrad", "mgda", "cagrad", "nashmtl", "nashmtl_newton", "pcgrad")
+#: benchmark rows that are a registry method with other settings
+VARIANTS: dict[str, Callable[[], Any]] = {"nashmtl_newton": lambda: NashMTL(solver="newton")}
 ENGINES = ("jacobian", "gramian", "gramian_1st", "torchjd")
 #: the mixin settings of each of our engines
 OURS = {"jacobian": {"engine": "jacobian"}, "gramian": {"engine": "gramian"},
@@ -60,7 +63,8 @@ def batch_for(kind: str, k: int, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def ours_step(kind: str, k: int, method: str, engine: str | None, batch: Any) -> Callable[[], None]:
-    model = build(kind, k, method, **({} if engine is None else OURS[engine]))
+    chosen = VARIANTS[method]() if method in VARIANTS else method
+    model = build(kind, k, chosen, **({} if engine is None else OURS[engine]))
     model.train()
     opt = model.configure_optimizers()
 

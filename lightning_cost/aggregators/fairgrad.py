@@ -80,7 +80,7 @@ class FairGrad(GramianAggregator):
         w0 = norms ** (-2.0 * self.alpha / (self.alpha + 1.0))  # the diagonal solution
         p = 1.0 - 1.0 / self.alpha
         with np.errstate(all="ignore"):  # a system with no solution drives w to 0 or infinity
-            v = _newton(gramian * np.outer(w0, w0), w0**p, p)
+            v = newton_potential_min(gramian * np.outer(w0, w0), w0**p, p)
             w = w0 * v
             rel = float(np.max(np.abs(gramian @ w * w ** (1.0 / self.alpha) - 1.0)))
         if not (np.all(np.isfinite(w)) and np.all(w > 0.0) and rel <= self.tol):
@@ -104,7 +104,7 @@ class FairGrad(GramianAggregator):
         return f"alpha={self.alpha}, scale_and_clip={self.scale_and_clip}"
 
 
-def _newton(h: np.ndarray, c: np.ndarray, p: float) -> np.ndarray:
+def newton_potential_min(h: np.ndarray, c: np.ndarray, p: float) -> np.ndarray:
     """Minimise ``f(v) = 1/2 v^T H v - sum_i c_i v_i^p / p`` (``c_i log v_i`` at ``p = 0``) over
     ``v > 0`` by damped Newton from ``v = 1``.
 
