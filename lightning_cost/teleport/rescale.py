@@ -7,12 +7,16 @@ Jacobian alone: ``objective="grad_norm"`` maximises ``||g_0'||`` (eq. 6), ``obje
 maximises a soft minimum of ``cos(g_i', g_0')`` (clearing the eq. 4 condition). Both need only the
 ``K x K`` Gramian ``G'(s) = J diag(t^-2) J^T``, which :class:`ScaledGramian` evaluates from per-layer
 cell sums of ``J`` formed once, so each of the ``steps`` costs far less than a pass over ``J``.
+``objective="flatness"`` instead minimises the Hessian trace of the mean task loss at the new point,
+``sum_j H_jj / t_j^2`` (:mod:`~lightning_cost.teleport.flatness`; a move toward flatter points, as in
+Zhao et al., ICLR 2024), from one Hutchinson estimate of ``diag H`` (``probes`` Hessian-vector products).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -21,10 +25,14 @@ from torch import Tensor, nn
 from lightning_cost.distributed import broadcast_
 from lightning_cost.teleport._checks import check_bool, check_choice, check_float, check_int
 from lightning_cost.teleport.evaluation import keep_buffers
+from lightning_cost.teleport.flatness import ScaledHessianTrace, hessian_diagonal
 from lightning_cost.teleport.symmetry import RescaleSymmetry
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem
 
-__all__ = ["RescaleConfig", "RescaleTeleporter", "ScaledGramian", "scaled_objective"]
+__all__ = ["OBJECTIVES", "RescaleConfig", "RescaleTeleporter", "ScaledGramian", "scaled_objective"]
+
+#: what the rescaling can aim for (:attr:`RescaleConfig.objective`)
+OBJECTIVES = ("conflict", "grad_norm", "flatness")
 
 
 @dataclass
@@ -32,16 +40,17 @@ class RescaleConfig:
     """Settings of the exact rescaling teleport.
 
     Args:
-        objective: ``"conflict"`` (raise the smallest ``cos(g_i, g_0)``) or ``"grad_norm"`` (raise
-            ``||g_0||``, eq. 6).
+        objective: ``"conflict"`` (raise the smallest ``cos(g_i, g_0)``), ``"grad_norm"`` (raise
+            ``||g_0||``, eq. 6) or ``"flatness"`` (lower the Hessian trace of the mean task loss).
         max_scale: every unit's scale stays in ``[1 / max_scale, max_scale]``.
         steps, lr: Adam steps and learning rate on the (unbounded) parameters of the log-scales.
         temperature: of the soft minimum of the cosines (``objective="conflict"``).
         normalized: also rescale channels that only feed a normalisation (exact up to its ``eps``).
         loss_tolerance, abs_tolerance: acceptance test (float rounding only, the action is exact).
+        probes: Rademacher probes of the Hutchinson estimate of ``diag H`` (``objective="flatness"``).
     """
 
-    objective: Literal["conflict", "grad_norm"] = "conflict"
+    objective: Literal["conflict", "grad_norm", "flatness"] = "conflict"
     max_scale: float = 4.0
     steps: int = 100
     lr: float = 0.1
@@ -49,9 +58,11 @@ class RescaleConfig:
     normalized: bool = False
     loss_tolerance: float = 1e-4
     abs_tolerance: float = 1e-7
+    probes: int = 8
 
     def __post_init__(self) -> None:
-        check_choice("objective", self.objective, ("conflict", "grad_norm"))
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_int("probes", self.probes, 1)
         check_float("max_scale", self.max_scale, minimum=1.0)
         check_int("steps", self.steps, 1)
         check_float("lr", self.lr, positive=True)
@@ -171,7 +182,7 @@ class RescaleTeleporter(Teleporter):
     def move(self, problem: TeleportProblem) -> Move:
         cfg = self.config
         symmetry = self.symmetry(problem)
-        gram = ScaledGramian(symmetry, problem.jacobian.float())
+        value_at = self._objective(symmetry, problem)
         bound = math.log(cfg.max_scale)
         u = torch.zeros(symmetry.num_scales, device=problem.jacobian.device, requires_grad=True)
         opt = torch.optim.Adam([u], lr=cfg.lr)
@@ -179,7 +190,7 @@ class RescaleTeleporter(Teleporter):
         best_u = u.detach().clone()
         with torch.enable_grad():
             for i in range(cfg.steps):
-                value = scaled_objective(gram(bound * torch.tanh(u)), cfg.objective, cfg.temperature)
+                value = value_at(bound * torch.tanh(u))
                 v = value.item()
                 if i == 0:  # u = 0: the objective where the weights are now
                     start = best = v
@@ -194,6 +205,20 @@ class RescaleTeleporter(Teleporter):
         log_scales = broadcast_(bound * torch.tanh(best_u))  # identical on every rank
         symmetry.apply_(log_scales)
         return Move(factors=[t.detach() for t in symmetry.factors(log_scales)], trace=trace)
+
+
+    def _objective(self, symmetry: RescaleSymmetry, problem: TeleportProblem) -> Callable[[Tensor], Tensor]:
+        """What :meth:`move` maximises, as a function of the log-scales."""
+        cfg = self.config
+        if cfg.objective == "flatness":
+            with keep_buffers(problem.module):
+                diagonal = hessian_diagonal(lambda: problem.evaluator.local(problem.batches).mean(), symmetry.params,
+                                            cfg.probes, problem.generator)
+            trace = ScaledHessianTrace(symmetry, diagonal)
+            scale = max(abs(float(trace(torch.zeros(symmetry.num_scales, device=problem.jacobian.device)))), 1e-300)
+            return lambda log_scales: -trace(log_scales) / scale
+        gram = ScaledGramian(symmetry, problem.jacobian.float())
+        return lambda log_scales: scaled_objective(gram(log_scales), cfg.objective, cfg.temperature)
 
 
 def shared_module(module: nn.Module, params: list[nn.Parameter]) -> nn.Module:
