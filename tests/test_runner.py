@@ -611,3 +611,31 @@ def test_the_cache_key_holds_the_lora_teleporters_defaults(tmp_path: Path) -> No
     base.path.parent.mkdir(parents=True, exist_ok=True)
     base.path.write_text(json.dumps({"config_hash": fingerprint(base.key)}))
     assert base_record(cost_job) is not None  # the base run is still found under the longer key
+
+
+def test_two_variants_that_differ_only_in_their_teleporter_share_one_trained_control(tmp_path: Path) -> None:
+    """The matched controls of two variants that differ only in the teleporter are the same run (the null
+    teleporter never moves): the second is planned as the first's twin and its record copied, not trained."""
+    from benchmarks.runner.grid import plan_jobs
+
+    _need("mnist.npz")
+    moves = {"schedule": {"every": 3, "on_trigger": False}, "transfer": "transport"}
+    variants = {"a": {**moves, "teleporter": {"name": "rescale", "objective": "conflict"}},
+                "b": {**moves, "teleporter": {"name": "rescale", "objective": "grad_norm"}},
+                "a_control": {"control_of": "a"}, "b_control": {"control_of": "b"},
+                "c_control": {"control_of": "c"}, "c": {**moves, "transfer": "htr"}}
+    cfg = RunnerConfig(dataset="multimnist", methods=["fairgrad"], cost=["none", *variants], cost_variants=variants,
+                       seeds=[0], baselines=False)
+    jobs = {j.cost: j for j in plan_jobs(cfg, tmp_path, ["l", "r"], {"mnist": "0" * 64})}
+    assert jobs["b_control"].twin == jobs["a_control"].path and jobs["a_control"].twin is None
+    assert jobs["c_control"].twin is None  # another transfer: another run
+    out = tmp_path / "twins"
+    runner.main(["--dataset", "multimnist", "--methods", "fairgrad", "--cost", "none,a,b,a_control,b_control",
+                 "--cost-variants", json.dumps(variants), "--seeds", "0", "--epochs", "1", "--threads", "1",
+                 "--progress", "false", "--baselines", "false", "--data-kw", json.dumps(TINY_MM), "--out", str(out)])
+    first = json.loads((out / "runs" / "fairgrad__cost-a_control__seed0.json").read_text())
+    second = json.loads((out / "runs" / "fairgrad__cost-b_control__seed0.json").read_text())
+    assert first["teleports"] >= 1 and "copied_from" not in first  # the control acted (state transfer) and trained
+    assert second["copied_from"] == "fairgrad__cost-a_control__seed0.json"
+    assert second["weights_sha256"] == first["weights_sha256"] and second["test"] == first["test"]
+    assert second["cost"] == "b_control" and second["control_of"] == "b" and second["config"]["cost"] == "b_control"

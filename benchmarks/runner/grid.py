@@ -80,6 +80,7 @@ class Job:
     cost: str = "none"
     task: str | None = None
     control_of: str | None = None  # the preset this run's variant is the matched control of
+    twin: Path | None = None  # an earlier control run that trains exactly this run (its record is copied)
 
     @property
     def label(self) -> str:
@@ -115,8 +116,33 @@ def plan_jobs(cfg: RunnerConfig, out: Path, task_names: list[str], data: dict[st
         if lora is not None:  # the library's defaults too: a changed default retrains, never reuses a stale run
             key["lora"] = lora
         jobs.append(Job("run", out / "runs" / f"{m}__cost-{c}__seed{s}.json", key, s, method=m, cost=c,
-                        control_of=cfg.control_of(c)))
+                        control_of=cfg.control_of(c), twin=_twin(key, jobs) if cfg.control_of(c) else None))
     return jobs
+
+
+def _training_settings(key: dict[str, Any]) -> dict[str, Any]:
+    """What a run's training depends on: its key without the variant's name and the preset it controls."""
+    spec = key.get("cost_spec")
+    return {**{k: v for k, v in key.items() if k != "cost"},
+            "cost_spec": {k: v for k, v in spec.items() if k != "control_of"} if isinstance(spec, dict) else spec}
+
+
+def _twin(key: dict[str, Any], planned: list[Job]) -> Path | None:
+    """The result file of an earlier planned control run with the same training settings (two variants
+    that differ only in their teleporter share one matched control: it never moves the weights)."""
+    mine = _training_settings(key)
+    return next((j.path for j in planned if j.control_of and _training_settings(j.key) == mine), None)
+
+
+def twin_record(job: Job) -> dict[str, Any] | None:
+    """The record of a control run copied from its finished twin (:func:`_twin`), or ``None``."""
+    if job.twin is None:
+        return None
+    twin = load_json(job.twin)
+    if twin is None or twin.get("config") is None or _training_settings(twin["config"]) != _training_settings(job.key):
+        return None
+    out = {k: v for k, v in twin.items() if k not in ("config", "config_hash", "cost", "control_of")}
+    return {**out, "copied_from": job.twin.name}
 
 
 def lora_settings(spec: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -150,7 +176,10 @@ def base_record(job: Job) -> tuple[dict[str, Any], str] | None:
 
 
 def _waits_for_base(job: Job, cfg: RunnerConfig) -> bool:
-    """A COST run whose base run is not finished yet (it reads the base's record)."""
+    """A COST run whose base run is not finished yet (it reads the base's record), or a control run
+    whose twin is not."""
+    if job.twin is not None:
+        return twin_record(job) is None
     return job.kind == "run" and job.cost != "none" and cfg.derive_silent | needs_base(cfg.spec(job.cost)) \
         and base_record(job) is None
 

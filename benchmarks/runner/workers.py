@@ -53,11 +53,14 @@ def _worker_datamodule(cfg: RunnerConfig, data_sha256: dict[str, str]) -> Any:
 
 def _timed_run(dm: Any, cfg: RunnerConfig, job: Any, label: str | None, ckpt_dir: Path) -> tuple[dict, float]:
     """``train_one``'s result and its seconds (a worker's start-up and queueing left out, for the time left)."""
-    from benchmarks.runner.grid import base_record, derive_if_silent, resolved_spec
+    from benchmarks.runner.grid import base_record, derive_if_silent, resolved_spec, twin_record
     from benchmarks.runner.relative import needs_base
     from benchmarks.runner.train import train_one
 
     t0 = time.perf_counter()
+    copied = twin_record(job)
+    if copied is not None:
+        return copied, time.perf_counter() - t0
     base = base_record(job)
     spec = resolved_spec(job, cfg, base)
     res = derive_if_silent(job, cfg, base, spec) or train_one(
