@@ -184,7 +184,7 @@ def test_configs_parse_and_every_variant_builds_its_callback() -> None:
 
 def test_verdict_configs_choose_full_sets_and_the_grid() -> None:
     names = ["multimnist", "multifashion", "multifashion_mnist", "yeast", "birds", "tox21", "qm8", "toxcast40"]
-    variants = ["paper", "authors", "rescale"]
+    variants = ["paper", "authors", "rescale", "flatness"]
     for name in names:
         settings, _ = config_from_argv(["--config", str(CONFIGS / "verdict" / f"{name}.yaml")])
         cfg = RunnerConfig(**settings)
@@ -194,6 +194,8 @@ def test_verdict_configs_choose_full_sets_and_the_grid() -> None:
             assert cfg.control_of(f"{v}_control") == v and control["teleporter"] == {"name": "null"}
             assert {k: x for k, x in control.items() if k not in ("teleporter", "control_of")} == \
                 {k: x for k, x in cfg.spec(v).items() if k != "teleporter"}
+        for v in ("rescale", "flatness"):  # the exact rescaling in the box [2/3, 3/2]
+            assert cfg.spec(v)["teleporter"]["max_scale"] == 1.5 and cfg.spec(v)["transfer"] == "transport"
         cheap = name in ("yeast", "birds", "tox21")  # a run takes under a minute: 10 seeds and context methods
         assert cfg.cost_seeds == list(range(10 if cheap else 5)) and cfg.seeds == [0, 1, 2]
         assert cfg.methods == (["ls", "mgda", "pcgrad", "cagrad", "nashmtl", "famo", "fairgrad"] if cheap
