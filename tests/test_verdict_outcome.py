@@ -174,3 +174,35 @@ def test_a_folder_without_a_margin_says_so(tmp_path: Path) -> None:
     d = write_verdict([folder], tmp_path / "out")["datasets"]["toy"]
     assert d["margin"] is None and [r["outcome"] for r in d["rows"]] == [None, "inconclusive"]
     assert "'no effect' cannot be concluded" in (tmp_path / "out" / "VERDICT.md").read_text()
+
+
+def test_headline_table_and_readme_block(tmp_path) -> None:
+    """One row per data set and method with COST rows, one column per variant; controls and base rows are
+    not columns; the README block between the markers is replaced, the rest of the README kept."""
+    from benchmarks.runner.headline import BEGIN, END, headline_markdown, update_readme
+
+    def row(method, cost, outcome, base=None, ctrl=None, control_of=None):
+        return {"method": method, "cost": cost, "outcome": outcome, "control_of": control_of,
+                "paired_vs_base_mean": base, "paired_vs_control_mean": ctrl}
+
+    verdict = {"datasets": {
+        "yeast": {"margin": {"delta": 1.04, "why": "x"}, "rows": [
+            row("fairgrad", "none", None), row("fairgrad", "paper", "never acted"),
+            row("fairgrad", "paper_control", None, control_of="paper"),
+            row("fairgrad", "rescale", "no effect", -0.04, 0.21)]},
+        "birds": {"margin": None, "rows": [row("cagrad", "rescale", "hurts", 2.89, 1.52)]}}}
+    table = headline_markdown(verdict)
+    lines = table.splitlines()
+    assert lines[0] == "| data set | method | margin δ | paper | rescale |"
+    assert "| yeast | fairgrad | 1.04 | never acted | no effect (-0.04 / +0.21) |" in lines
+    assert "| birds | cagrad | none | not run | hurts (+2.89 / +1.52) |" in lines
+    assert not any("control" in ln.split("|")[2] for ln in lines[2:4])
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\noutro\n")
+    update_readme(readme, table)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith(f"{END}\noutro\n") and "old table" not in text
+    assert "no effect (-0.04 / +0.21)" in text
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="verdict headline"):
+        update_readme(readme, table)

@@ -10,6 +10,7 @@ Usage::
     python -m benchmarks.run --config benchmarks/configs/verdict/yeast.yaml --workers 2  # 2 runs at once
     python -m benchmarks.run --config benchmarks/configs/verdict/yeast.yaml --ray local  # Ray tasks (extra 'ray')
     python -m benchmarks.run --verdict DIR1 DIR2 ...                                   # collect a verdict
+    python -m benchmarks.run --verdict DIR1 DIR2 ... --readme README.md                # ... and its headline in README
 
 What a grid does, in order: the single-task baselines (Delta-m%, eq. 14, needs them), then every
 ``(method, COST variant, seed)``, each cached as JSON, then ``runs.csv``, ``baselines.csv``,
@@ -53,6 +54,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         verdict = write_verdict(extras["verdict"], extras["verdict_out"])
         print((Path(extras["verdict_out"]) / "VERDICT.md").read_text())
+        if extras.get("readme"):
+            from benchmarks.runner.headline import update_readme
+
+            update_readme(extras["readme"], (Path(extras["verdict_out"]) / "HEADLINE.md").read_text())
         return verdict
     import torch
 

@@ -237,6 +237,8 @@ def build_parser():
     p.add_argument("--verdict", type=str | None, nargs="+", default=None,
                    help="collect these finished result folders into a verdict and exit")
     p.add_argument("--verdict-out", type=str, default="docs/results/verdict")
+    p.add_argument("--readme", type=str | None, default=None,
+                   help="with --verdict: also write the headline table into this README, between its verdict markers")
     return p
 
 

@@ -271,11 +271,15 @@ def render_markdown(verdict: dict[str, Any], notes: dict[str, list[str]] | None 
 
 
 def write_verdict(folders: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
-    """Collect ``folders`` and write ``<out>/verdict.json`` and ``<out>/VERDICT.md``."""
+    """Collect ``folders`` and write ``<out>/verdict.json``, ``<out>/VERDICT.md`` and ``<out>/HEADLINE.md``
+    (:mod:`benchmarks.runner.headline`)."""
+    from benchmarks.runner.headline import headline_markdown
+
     verdict, notes = collect(folders)
     out = Path(out)
     write_json(out / "verdict.json", verdict)
     (out / "VERDICT.md").write_text(render_markdown(verdict, notes))
+    (out / "HEADLINE.md").write_text(headline_markdown(verdict) + "\n")
     return verdict
 
 
