@@ -74,7 +74,7 @@ def _affine_min_norm(gramian: np.ndarray, support: Sequence[int]) -> np.ndarray:
     """
     idx = np.asarray(support, dtype=np.intp)
     n = idx.size
-    sub = gramian[np.ix_(idx, idx)]
+    sub = gramian.take(idx, axis=0).take(idx, axis=1)
     norms = np.sqrt(sub.diagonal())
     if not (norms > 0.0).all():  # a zero gradient in the support: it is the min-norm point itself
         norms = np.ones(n)
