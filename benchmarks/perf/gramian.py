@@ -2,7 +2,7 @@
 
 Run::
 
-    python -m benchmarks.perf.gramian [--quick] [--models tox21mlp lenet resnet18] [--out docs/results/perf]
+    python -m benchmarks.perf.gramian [--quick] [--models tox21mlp lenet resnet18] [--reps 11] [--out docs/results/perf]
 
 For each model and K, one batch, one process, one torch thread: the median time of a full training
 step (forward, per-task gradients, the method's weights, the update's backward, Adam) of FairGrad,
@@ -169,9 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="write gramian.{json,txt} here")
     parser.add_argument("--models", nargs="+", choices=sorted({kind for kind, _, _ in SETUPS}), default=None,
                         help="only the setups of these models")
+    parser.add_argument("--reps", type=int, default=11, help="timed steps per row (median); ResNet-18 takes 3")
     args = parser.parse_args(argv)
+    if args.reps < 1:
+        parser.error("--reps must be >= 1")
     torch.set_num_threads(1)
-    setups, reps, warmup = (QUICK_SETUPS, 2, 1) if args.quick else (SETUPS, 5, 2)
+    setups, reps, warmup = (QUICK_SETUPS, 2, 1) if args.quick else (SETUPS, args.reps, 2)
     setups = [s for s in setups if args.models is None or s[0] in args.models]
     results: dict[str, Any] = {"threads": 1, "reps": reps, "warmup": warmup, "setups": []}
     with quiet(everything=True):
