@@ -1,5 +1,6 @@
 """Helpers shared by the aggregators: Gramian validation and conversion, the simplex min-norm
-solver (MGDA, CAGrad) and seeded generators (PCGrad, GradDrop)."""
+solver (MGDA, CAGrad), the dual-cone projection (UPGrad, DualProj) and seeded generators
+(PCGrad, GradDrop, Random)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError
 
-__all__ = ["gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
+__all__ = ["dual_cone_weights", "gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 #: below this reciprocal condition number a KKT system is solved by least squares, not LU
@@ -179,3 +180,104 @@ def _minor_cycle(g: np.ndarray, lam: np.ndarray, support: list[int], tol: float)
         lam[[i for i in range(k) if i not in support]] = 0.0
         lam /= lam.sum()
     return lam, support
+
+
+def dual_cone_weights(gramian: np.ndarray, lower: np.ndarray, tol: float = 1e-8) -> np.ndarray:
+    """``w = argmin_w w^T G w`` s.t. ``w >= u`` (elementwise) for each row ``u`` of ``lower`` (``n x K``;
+    returns the ``n x K`` weights).
+
+    ``J^T w`` is then the projection of ``J^T u`` onto the dual cone ``{x : g_i . x >= 0 for all i}``
+    (Quinton & Rey 2024, Prop. 1). With ``w = u + v`` this is a non-negative least-squares problem
+    in ``v`` whose normal equations need only ``G``: find ``v >= 0`` with ``G (u + v) >= 0`` and
+    ``v_i (G (u + v))_i = 0``. Solved exactly by block principal pivoting (Judice & Pires 1994, as
+    Kim & Park, SIAM J. Sci. Comput. 2011, use it for NNLS: every wrong-signed variable changes
+    side at once, with Murty's single exchange as the backup that ends cycles), each row starting
+    from the previous row's passive set (the rows of UPGrad's ``I`` share most of it); where that
+    does not settle in ``3 K + 10`` steps (a singular ``G``), from then on by Lawson & Hanson's
+    active set (1974, Ch. 23), which needs no regularisation of ``G`` (but is slower). Each
+    passive-set system is solved by LU or, where ill conditioned, least squares (:func:`_solve_kkt`);
+    for a singular ``G`` (``K > P``, dependent gradients) ``w`` is not unique, ``J^T w`` is. The
+    problem is always feasible (``w = u``) and bounded; a result that misses the KKT conditions by
+    more than ``tol`` (relative to the terms of ``G w``) raises :class:`AggregationError`. An all-zero
+    ``G`` gives ``w = u``.
+    """
+    lower = np.atleast_2d(np.asarray(lower, dtype=np.float64))
+    k = gramian.shape[0]
+    scale = float(gramian.diagonal().max())
+    if scale <= 0.0:
+        return lower.copy()
+    g = gramian / scale
+    mag = np.abs(g)
+    out = np.empty_like(lower)
+    passive = np.zeros(k, dtype=bool)
+    pivoting = True  # until pivoting fails once (a singular G): then Lawson & Hanson for every row
+    for row, u in enumerate(lower):
+        b = -(g @ u)
+        v, passive = _pivoting_nnls(g, mag, u, b, passive, tol) if pivoting else (None, passive)
+        if v is None:
+            pivoting = False
+            v, passive = _lawson_hanson_nnls(g, mag, u, b, tol)
+        w = u + v
+        gw = g @ w
+        slack = tol * (mag @ np.abs(w) + 1e-300)
+        if (gw < -slack).any() or (np.abs(gw[v > 0.0]) > slack[v > 0.0]).any():
+            raise AggregationError(f"dual-cone projection: no KKT point found (min g_i.d = {gw.min():.3g}, K={k})")
+        out[row] = w
+    return out
+
+
+def _on_passive(g: np.ndarray, b: np.ndarray, passive: np.ndarray) -> np.ndarray:
+    """The optimum of ``1/2 v^T G v - b^T v`` with ``v`` zero off ``passive``."""
+    z = np.zeros(g.shape[0])
+    idx = np.flatnonzero(passive)
+    if idx.size:
+        z[idx] = _solve_kkt(g.take(idx, 0).take(idx, 1), b[idx])
+    return z
+
+
+def _pivoting_nnls(g: np.ndarray, mag: np.ndarray, u: np.ndarray, b: np.ndarray, passive: np.ndarray,
+                   tol: float) -> tuple[np.ndarray | None, np.ndarray]:
+    """Block principal pivoting from ``passive``; ``(None, passive)`` if it does not settle."""
+    passive = passive.copy()
+    best, budget = g.shape[0] + 1, 3
+    for _ in range(3 * g.shape[0] + 10):
+        v = _on_passive(g, b, passive)
+        y = g @ v - b  # G w: must be >= 0 off the passive set
+        wrong = np.flatnonzero(np.where(passive, v < 0.0, y < -tol * (mag @ np.abs(u + v))))
+        if wrong.size == 0:
+            return np.maximum(v, 0.0), passive
+        if wrong.size < best:
+            best, budget = wrong.size, 3
+        elif budget > 0:
+            budget -= 1
+        else:  # Murty's rule: only the largest wrong index changes side
+            wrong = wrong[-1:]
+        passive[wrong] = ~passive[wrong]
+    return None, passive
+
+
+def _lawson_hanson_nnls(g: np.ndarray, mag: np.ndarray, u: np.ndarray, b: np.ndarray,
+                        tol: float) -> tuple[np.ndarray, np.ndarray]:
+    """Lawson & Hanson's active set from ``v = 0``: one variable enters per major step."""
+    k = g.shape[0]
+    v = np.zeros(k)
+    passive = np.zeros(k, dtype=bool)
+    for _ in range(3 * k + 10):
+        r = b - g @ v  # -(G w): positive where raising w_j lowers the objective
+        r[passive] = 0.0
+        violated = r > tol * (mag @ np.abs(u + v))
+        if not violated.any():
+            break
+        passive[int(np.where(violated, r, -np.inf).argmax())] = True
+        for _ in range(k + 1):  # toward the optimum on the passive set, dropping what turns <= 0
+            z = _on_passive(g, b, passive)
+            if (z[passive] > 0.0).all():
+                v = z
+                break
+            neg = np.flatnonzero(passive & (z <= 0.0))
+            gap = v[neg] - z[neg]
+            theta = float(np.min(np.where(gap > 0.0, v[neg] / np.where(gap > 0.0, gap, 1.0), 0.0)))
+            v = v + theta * (z - v)
+            passive &= v > 0.0
+            v[~passive] = 0.0
+    return v, passive
