@@ -1,4 +1,6 @@
-"""The 13 multi-task methods the paper compares (Sec. 5), one module each, and a registry.
+"""17 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
+:data:`AVAILABLE`) and 4 Jacobian-descent aggregators as TorchJD defines them (:data:`PEERS`:
+UPGrad, DualProj, ConFIG, Random).
 
 ``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive); the classes
 are importable from here too (``from lightning_cost.aggregators import FairGrad, MGDA``).
@@ -35,10 +37,20 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "nashmtl": ("lightning_cost.aggregators.nash_mtl", "NashMTL"),
     "famo": ("lightning_cost.aggregators.famo", "FAMO"),
     "fairgrad": ("lightning_cost.aggregators.fairgrad", "FairGrad"),
+    "upgrad": ("lightning_cost.aggregators.upgrad", "UPGrad"),
+    "dualproj": ("lightning_cost.aggregators.dualproj", "DualProj"),
+    "config": ("lightning_cost.aggregators.config", "ConFIG"),
+    "random": ("lightning_cost.aggregators.random_weights", "Random"),
 }
-_ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw"}
+_ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw",
+            "dual-proj": "dualproj", "con-fig": "config"}
 
-AVAILABLE = tuple(_REGISTRY)
+#: The aggregators added for comparison with TorchJD; not among the paper's methods.
+PEERS = ("upgrad", "dualproj", "config", "random")
+#: The 13 methods the paper compares, in its order: what the benchmarks run by default.
+AVAILABLE = tuple(name for name in _REGISTRY if name not in PEERS)
+#: Every registered name (``AVAILABLE + PEERS``).
+REGISTERED = tuple(_REGISTRY)
 
 #: class name -> module, for ``from lightning_cost.aggregators import FairGrad`` (resolved lazily).
 _CLASSES = {cls: module for module, cls in _REGISTRY.values()}
@@ -60,7 +72,7 @@ def _key(name: str) -> str:
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
-        raise KeyError(f"unknown multi-task method {name!r}; available: {', '.join(AVAILABLE)}")
+        raise KeyError(f"unknown multi-task method {name!r}; available: {', '.join(REGISTERED)}")
     return key
 
 
@@ -77,8 +89,12 @@ def build_aggregator(name: str, **hparams) -> Aggregator | LossWeighting:
 
 __all__ = [
     "AVAILABLE",
+    "PEERS",
+    "REGISTERED",
     "CAGrad",
+    "ConFIG",
     "DWA",
+    "DualProj",
     "FAMO",
     "FairGrad",
     "GradDrop",
@@ -88,7 +104,9 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "RLW",
+    "Random",
     "ScaleInvariant",
+    "UPGrad",
     "UncertaintyWeighting",
     "AggregationError",
     "Aggregator",
