@@ -1,0 +1,314 @@
+"""UPGrad, DualProj, ConFIG and Random (the Jacobian-descent aggregators as TorchJD defines them):
+against TorchJD 0.18, against their defining properties computed independently (cvxpy for the
+projections, the unit-gradient pseudo-inverse for ConFIG), the shared symmetries, and through the
+mixin on both engines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from aggregator_props import HYPO, Symmetry, assert_permutation_and_scale, gram, jacobians
+from hypothesis import given
+from hypothesis import strategies as st
+from mtl_models import TinyMTL, loader, regression_data, trainer
+
+import lightning_cost.aggregators as aggregators
+import lightning_cost.aggregators._common as common
+from lightning_cost.aggregators import (
+    AVAILABLE,
+    PEERS,
+    REGISTERED,
+    RLW,
+    AggregationError,
+    ConFIG,
+    DualProj,
+    GramianAggregator,
+    Random,
+    UPGrad,
+    aggregator_class,
+    build_aggregator,
+)
+
+CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random}
+KS = [2, 3, 5, 12]
+KINDS = ["conflicting", "random", "aligned"]
+
+
+def make_jacobian(k: int, kind: str, p: int | None = None, seed: int = 0) -> torch.Tensor:
+    """A float64 ``K x P`` Jacobian (``P = K + 8`` by default, full row rank). ``conflicting``: a
+    common direction with alternating signs plus noise, so that some pairs have negative inner
+    products; ``random``: independent rows; ``aligned``: a shared positive component."""
+    rng = np.random.default_rng(1000 * k + seed)
+    p = k + 8 if p is None else p
+    common_dir = 2.0 * rng.standard_normal(p)
+    noise = rng.standard_normal((k, p)) * rng.lognormal(0.0, 0.5, (k, 1))
+    sign = {"conflicting": np.where(np.arange(k) % 2 == 0, 1.0, -1.0), "random": np.zeros(k),
+            "aligned": np.ones(k)}[kind]
+    j = torch.tensor(sign[:, None] * common_dir + noise, dtype=torch.float64)
+    if kind == "conflicting":
+        assert float(gram(j).min()) < 0.0  # at least one conflicting pair
+    return j
+
+
+def mean_scale(j: torch.Tensor) -> float:
+    """The scale differences are measured against: the largest gradient norm (the update itself
+    can be ~0 when the dual cone is degenerate)."""
+    return float(j.norm(dim=1).max())
+
+
+# ----------------------------------------------------------------------------- against TorchJD
+
+
+def _torchjd(name: str, exact: bool = False):
+    """TorchJD's aggregator; ``exact``: its projector without normalisation or regularisation of G."""
+    agg = pytest.importorskip("torchjd.aggregation")
+    if name in ("upgrad", "dualproj"):
+        pytest.importorskip("qpsolvers")  # TorchJD's projector needs qpsolvers and quadprog
+        pytest.importorskip("quadprog")
+        cls = agg.UPGrad if name == "upgrad" else agg.DualProj
+        if not exact:
+            return cls()
+        linalg = pytest.importorskip("torchjd.linalg")
+        if not hasattr(linalg, "QuadprogProjector"):
+            pytest.skip("this TorchJD has no QuadprogProjector")
+        return cls(projector=linalg.QuadprogProjector(norm_eps=0.0, reg_eps=0.0))
+    return {"config": agg.ConFIG, "random": agg.Random}[name]()
+
+
+#: tolerance (relative to the largest gradient norm) of each comparison; measured maxima in the comment
+TORCHJD_RTOL = {
+    ("upgrad", True): 1e-10,  # measured <= 2e-16
+    ("dualproj", True): 1e-10,  # measured <= 7e-16
+    ("upgrad", False): 1e-2,  # TorchJD solves for G / tr G + 1e-4 I: measured up to 1.8e-3
+    ("dualproj", False): 1e-2,
+    ("config", False): 1e-10,  # measured <= 2e-14
+}
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("name", "exact"), list(TORCHJD_RTOL))
+def test_matches_torchjd(name: str, exact: bool, kind: str, k: int) -> None:
+    theirs = _torchjd(name, exact)
+    for seed in range(3):
+        j = make_jacobian(k, kind, seed=seed)
+        d = build_aggregator(name).aggregate(j)
+        diff = float((d - theirs(j)).abs().max()) / mean_scale(j)
+        assert diff <= TORCHJD_RTOL[(name, exact)], (seed, diff)
+
+
+@pytest.mark.parametrize("k", KS)
+def test_random_matches_torchjd_draw_for_draw(k: int) -> None:
+    """Seeded with ``s``, our draws are TorchJD's after ``torch.manual_seed(s)`` (float64 CPU J)."""
+    theirs = _torchjd("random")
+    j = make_jacobian(k, "conflicting")
+    ours = Random(seed=123)
+    with torch.random.fork_rng():
+        torch.manual_seed(123)
+        for _ in range(3):  # the sequences continue alike
+            torch.testing.assert_close(ours.aggregate(j), theirs(j), rtol=1e-12, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------- UPGrad, DualProj
+
+
+def cone_projection(j: torch.Tensor, x: torch.Tensor) -> np.ndarray:
+    """The projection of ``x`` onto ``{y : J y >= 0}``, solved in parameter space with cvxpy."""
+    cp = pytest.importorskip("cvxpy")
+    y = cp.Variable(j.shape[1])
+    prob = cp.Problem(cp.Minimize(cp.sum_squares(y - x.numpy())), [j.numpy() @ y >= 0])
+    prob.solve(solver=cp.CLARABEL)
+    assert prob.status == "optimal"
+    return y.value
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize(("kind", "p"), [("conflicting", None), ("random", None), ("random", 4)])
+def test_projections_equal_the_primal_projection(k: int, kind: str, p: int | None) -> None:
+    """UPGrad = mean of the projections of the g_i, DualProj = projection of the mean, each
+    projection solved as a QP in the P parameters (not on the Gramian); p=4 < K: a singular G."""
+    j = make_jacobian(k, kind, p=p)
+    upgrad = np.mean([cone_projection(j, j[i]) for i in range(k)], axis=0)
+    dualproj = cone_projection(j, j.mean(0))
+    scale = mean_scale(j)
+    assert np.abs(UPGrad().aggregate(j).numpy() - upgrad).max() <= 1e-6 * scale
+    assert np.abs(DualProj().aggregate(j).numpy() - dualproj).max() <= 1e-6 * scale
+
+
+@pytest.mark.parametrize("cls", [UPGrad, DualProj])
+@HYPO
+@given(j=jacobians(), p_small=st.booleans())
+def test_update_conflicts_with_no_task(cls, j: torch.Tensor, p_small: bool) -> None:
+    if p_small:  # K > P rows: the dual cone may be {0}
+        j = torch.cat([j, -j[:1] + 0.1 * j[1:2]])[:, : max(1, j.shape[0] // 2)]
+    d = cls().aggregate(j)
+    g = gram(j)
+    assert float((j @ d).min()) >= -1e-9 * float(g.diagonal().max())
+
+
+@pytest.mark.parametrize("k", KS)
+def test_without_conflict_both_return_the_mean(k: int) -> None:
+    j = make_jacobian(k, "aligned")
+    j = j.abs()  # non-negative rows: every pairwise inner product > 0
+    assert float(gram(j).min()) > 0.0
+    for cls in (UPGrad, DualProj):
+        torch.testing.assert_close(cls().aggregate(j), j.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(DualProj().weights(gram(j)), torch.full((k,), 1.0 / k, dtype=torch.float64))
+
+
+def test_projection_degenerate_cases() -> None:
+    j = make_jacobian(4, "conflicting")
+    zero_row = j.clone()
+    zero_row[2] = 0.0
+    for cls in (UPGrad, DualProj):
+        assert torch.equal(cls().aggregate(torch.zeros(3, 5, dtype=torch.float64)), torch.zeros(5, dtype=torch.float64))
+        # a zero gradient constrains nothing and its projection is 0: leaving it out changes only the
+        # mean's 1/K (UPGrad: 3 projections and a 0 over 4; DualProj: the projection of 3/4 of the mean)
+        d = cls().aggregate(zero_row)
+        torch.testing.assert_close(d, 0.75 * cls().aggregate(zero_row[[0, 1, 3]]), rtol=1e-10, atol=1e-12)
+        assert float((zero_row @ d).min()) >= -1e-12
+    # opposite gradients: the dual cone is the plane orthogonal to both; the mean (0) is in it
+    opp = torch.tensor([[1.0, 2.0, 0.0], [-1.0, -2.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(UPGrad().aggregate(opp), torch.zeros(3, dtype=torch.float64), atol=1e-15, rtol=0)
+    torch.testing.assert_close(DualProj().aggregate(opp), torch.zeros(3, dtype=torch.float64), atol=1e-15, rtol=0)
+
+
+def test_dual_cone_solver_failure_is_an_aggregation_error(monkeypatch) -> None:
+    monkeypatch.setattr(common, "_solve_kkt", lambda a, b: np.full(b.shape, 1e3))  # a broken linear solve
+    with pytest.raises(AggregationError, match="dual-cone projection"):
+        UPGrad().aggregate(make_jacobian(3, "conflicting"))
+
+
+# ----------------------------------------------------------------------------- ConFIG
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_config_has_equal_cosines_and_the_summed_projection_as_length(k: int, kind: str) -> None:
+    j = make_jacobian(k, kind)
+    d = ConFIG().aggregate(j)
+    cos = (j @ d) / (j.norm(dim=1) * d.norm())
+    torch.testing.assert_close(cos, torch.full_like(cos, float(cos[0])), rtol=1e-10, atol=1e-12)
+    assert float(cos.min()) > 0.0
+    unit = d / d.norm()
+    torch.testing.assert_close(d.norm(), (j @ unit).sum(), rtol=1e-10, atol=0)
+    # the paper's form on J itself: pinv of the unit gradients times ones
+    v = np.linalg.pinv((j / j.norm(dim=1, keepdim=True)).numpy()) @ np.ones(k)
+    np.testing.assert_allclose(unit.numpy(), v / np.linalg.norm(v), rtol=1e-9, atol=1e-12)
+
+
+def test_config_degenerate_cases() -> None:
+    j = make_jacobian(4, "conflicting")
+    j[1] = 0.0
+    w = ConFIG().weights(gram(j))
+    assert float(w[1]) == 0.0  # a zero gradient: a zero unit row, as in the authors' code
+    d = ConFIG().aggregate(j)
+    torch.testing.assert_close(d, ConFIG().aggregate(j[[0, 2, 3]]), rtol=1e-10, atol=1e-12)
+    assert torch.equal(ConFIG().aggregate(torch.zeros(3, 4, dtype=torch.float64)), torch.zeros(4, dtype=torch.float64))
+    # float32 Gramian (the Gramian engine's): the cut-off follows the dtype, the result the float64 one
+    g = gram(make_jacobian(5, "conflicting"))
+    torch.testing.assert_close(ConFIG().weights(g.float()).double(), ConFIG().weights(g), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- Random
+
+
+def test_random_weights_are_a_seeded_softmax_redrawn_every_call() -> None:
+    g = gram(make_jacobian(5, "conflicting"))
+    a, b = Random(seed=7), Random(seed=7)
+    draws = [a.weights(g) for _ in range(4)]
+    for w in draws:
+        assert bool((w > 0).all()) and abs(float(w.sum()) - 1.0) < 1e-12
+    for w, w2 in zip(draws, [b.weights(g) for _ in range(4)], strict=True):
+        assert torch.equal(w, w2)  # reproducible under the seed
+    assert all(not torch.allclose(draws[i], draws[i + 1]) for i in range(3))  # new draw per call
+    z = torch.randn(5, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    torch.testing.assert_close(draws[0], torch.softmax(z, 0))
+    # the draw ignores G and its dtype: a float32 Gramian gets the same draw
+    torch.testing.assert_close(Random(seed=7).weights(g.float()), draws[0].float())
+    assert not torch.equal(Random(seed=8).weights(g), draws[0])
+
+
+def test_random_state_dict_continues_the_sequence() -> None:
+    g = gram(make_jacobian(3, "random"))
+    a = Random(seed=1)
+    a.weights(g)
+    state = a.state_dict()
+    expected = a.weights(g)
+    b = Random(seed=99)
+    b.load_state_dict(state)
+    assert torch.equal(b.weights(g), expected)
+
+
+def test_random_differs_from_rlw_only_in_where_it_acts() -> None:
+    """Same distribution as RLW's loss weights (softmax of N(0, I)); Random acts on J, RLW on the losses."""
+    assert isinstance(Random(), GramianAggregator) and Random.requires_jacobian
+    assert not RLW.requires_jacobian
+    g = gram(make_jacobian(4, "random"))
+    rlw = RLW(num_tasks=4, seed=3)
+    torch.testing.assert_close(Random(seed=3).weights(g).float(), rlw.loss_weights(torch.ones(4)))
+
+
+# ----------------------------------------------------------------------------- shared properties
+
+SYMMETRY = {
+    "upgrad": Symmetry(rtol=1e-7, atol=1e-9),
+    "dualproj": Symmetry(rtol=1e-7, atol=1e-9),
+    "config": Symmetry(rtol=1e-7, atol=1e-9),
+    # seeded: the same draws at every scale; the draws are per task index, so no permutation property
+    "random": Symmetry(permutes=False, rtol=1e-12, atol=1e-12, hparams={"seed": 5}),
+}
+
+
+@pytest.mark.parametrize("name", PEERS)
+@HYPO
+@given(j=jacobians(), c=st.sampled_from([1e-3, 0.5, 1e3]), perm_seed=st.integers(0, 100))
+def test_permutation_and_scale(name: str, j: torch.Tensor, c: float, perm_seed: int) -> None:
+    sym = SYMMETRY[name]
+    perm = torch.randperm(j.shape[0], generator=torch.Generator().manual_seed(perm_seed)).tolist()
+    assert_permutation_and_scale(lambda: build_aggregator(name, **sym.hparams), j, c, perm, sym)
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_registry_exports_and_validation(name: str) -> None:
+    assert type(build_aggregator(name)) is CLASSES[name] is aggregator_class(name)
+    assert getattr(aggregators, CLASSES[name].__name__) is CLASSES[name] and CLASSES[name].__name__ in aggregators.__all__
+    assert name in REGISTERED and name not in AVAILABLE  # the benchmarks' default set stays the paper's 13
+    for bad in (torch.ones(1, 4, dtype=torch.float64), torch.tensor([[1.0, float("nan")], [0.0, 1.0]])):
+        with pytest.raises(ValueError):
+            build_aggregator(name).aggregate(bad)
+
+
+def test_aliases_and_init_validation() -> None:
+    assert len(AVAILABLE) == 13 and len(REGISTERED) == 17
+    assert isinstance(build_aggregator("Dual-Proj"), DualProj) and isinstance(build_aggregator("ConFIG"), ConFIG)
+    for make in (lambda: UPGrad(tol=0.0), lambda: DualProj(tol=1.5), lambda: ConFIG(rcond=-1.0),
+                 lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True)):
+        with pytest.raises(ValueError):
+            make()
+
+
+# ----------------------------------------------------------------------------- through the mixin
+
+
+def one_step(method: str, engine: str, k: int = 3, **kw) -> TinyMTL:
+    torch.manual_seed(0)
+    model = TinyMTL(k=k, method=build_aggregator(method, **kw), batchnorm=True, engine=engine,
+                    gramian={"path": "gram"}, optimizer="sgd")
+    trainer(max_steps=1).fit(model, loader(regression_data(k=k)))
+    return model
+
+
+@pytest.mark.parametrize(("method", "kw"), [("upgrad", {}), ("dualproj", {}), ("config", {}), ("random", {"seed": 0})])
+def test_same_step_on_both_engines(method: str, kw: dict) -> None:
+    gram_model, jac_model = one_step(method, "gramian", **kw), one_step(method, "jacobian", **kw)
+    assert gram_model.mtl_uses_gramian_engine and gram_model.mtl_step.jacobian is None
+    assert jac_model.mtl_step.jacobian is not None
+    torch.testing.assert_close(gram_model.mtl_step.gramian, jac_model.mtl_step.gramian, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gram_model.mtl_step.direction, jac_model.mtl_step.direction, rtol=1e-4, atol=1e-6)
+    for a, b in zip(gram_model.parameters(), jac_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if method in ("upgrad", "dualproj"):  # the step taken conflicts with no task
+        j = jac_model.mtl_step.jacobian.double()
+        assert float((j @ jac_model.mtl_step.direction.double()).min()) >= -1e-5 * float((j @ j.T).diagonal().max())
