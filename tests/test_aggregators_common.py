@@ -3,7 +3,8 @@ the symmetries (task permutation, scale), and the package's exports.
 
 The methods themselves are checked against their defining properties in
 test_aggregators_minnorm.py (MGDA, CAGrad), test_aggregators_projection.py (GradDrop, PCGrad)
-and test_aggregators_fair.py (IMTL-G, Nash-MTL, FairGrad).
+and test_aggregators_fair.py (IMTL-G, Nash-MTL, FairGrad); the four TorchJD peers (UPGrad, DualProj,
+ConFIG, Random) in test_aggregators_peers.py.
 """
 
 from __future__ import annotations

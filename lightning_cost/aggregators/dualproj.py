@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from torch import Tensor
 
-from lightning_cost.aggregators._common import dual_cone_weights, gramian_as_float64, weights_like
-from lightning_cost.aggregators.base import GramianAggregator
+from lightning_cost.aggregators.upgrad import DualConeMean
 
 __all__ = ["DualProj"]
 
 
-class DualProj(GramianAggregator):
+class DualProj(DualConeMean):
     """Dual-cone projection of the mean (Quinton & Rey, arXiv:2406.16232, 2024, "Jacobian Descent
     for Multi-Objective Optimization", Eq. 3 and Prop. 1, one of its baselines: the projection of
     GEM, Lopez-Paz & Ranzato, NeurIPS 2017, Sec. 3, applied to the mean gradient).
@@ -39,18 +37,5 @@ class DualProj(GramianAggregator):
     ``G / tr G + 1e-4 I``).
     """
 
-    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
-
-    def __init__(self, tol: float = 1e-8) -> None:
-        super().__init__()
-        if not 0.0 < tol < 1.0:
-            raise ValueError(f"tol must be in (0, 1), got {tol}")
-        self.tol = float(tol)
-
-    def weights(self, gramian: Tensor) -> Tensor:
-        g = gramian_as_float64(gramian)
-        k = g.shape[0]
-        return weights_like(dual_cone_weights(g, np.full((1, k), 1.0 / k), self.tol)[0], gramian)
-
-    def extra_repr(self) -> str:
-        return f"tol={self.tol:g}"
+    def targets(self, k: int) -> np.ndarray:
+        return np.full((1, k), 1.0 / k)  # the mean gradient

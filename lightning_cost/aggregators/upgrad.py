@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import numpy as np
 from torch import Tensor
 
 from lightning_cost.aggregators._common import dual_cone_weights, gramian_as_float64, weights_like
 from lightning_cost.aggregators.base import GramianAggregator
 
-__all__ = ["UPGrad"]
+__all__ = ["DualConeMean", "UPGrad"]
 
 
-class UPGrad(GramianAggregator):
+class DualConeMean(GramianAggregator):
+    """The mean of the projections onto the dual cone of ``J``'s rows of ``J^T u`` for each row
+    ``u`` of :meth:`targets` (UPGrad: the rows of ``I``; DualProj: one row ``1/K``).
+
+    Args:
+        tol: relative tolerance of the KKT test each solve must pass (default ``1e-8``).
+    """
+
+    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
+
+    def __init__(self, tol: float = 1e-8) -> None:
+        super().__init__()
+        if not 0.0 < tol < 1.0:
+            raise ValueError(f"tol must be in (0, 1), got {tol}")
+        self.tol = float(tol)
+
+    @abstractmethod
+    def targets(self, k: int) -> np.ndarray:
+        """The weights ``u`` (rows, ``n x K``) of the vectors ``J^T u`` to project."""
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        g = gramian_as_float64(gramian)
+        projected = dual_cone_weights(g, self.targets(g.shape[0]), self.tol)  # row r: pi_J(J^T u_r)'s weights
+        return weights_like(projected.mean(axis=0), gramian)
+
+    def extra_repr(self) -> str:
+        return f"tol={self.tol:g}"
+
+
+class UPGrad(DualConeMean):
     """Unconflicting projection of gradients (Quinton & Rey, arXiv:2406.16232, 2024,
     "Jacobian Descent for Multi-Objective Optimization": the projection ``pi_J`` onto the dual
     cone, Eq. 3, averaged over the task gradients; computed on the Gramian by its dual, Prop. 1).
@@ -41,18 +72,5 @@ class UPGrad(GramianAggregator):
     regularised (TorchJD adds ``1e-4 I`` to ``G / tr G``, which moves ``d`` by about that much).
     """
 
-    validates_gramian = True  # weights() rejects a non-finite Gramian (gramian_as_float64)
-
-    def __init__(self, tol: float = 1e-8) -> None:
-        super().__init__()
-        if not 0.0 < tol < 1.0:
-            raise ValueError(f"tol must be in (0, 1), got {tol}")
-        self.tol = float(tol)
-
-    def weights(self, gramian: Tensor) -> Tensor:
-        g = gramian_as_float64(gramian)
-        per_task = dual_cone_weights(g, np.eye(g.shape[0]), self.tol)  # row i: the weights of pi_J(g_i)
-        return weights_like(per_task.mean(axis=0), gramian)
-
-    def extra_repr(self) -> str:
-        return f"tol={self.tol:g}"
+    def targets(self, k: int) -> np.ndarray:
+        return np.eye(k)  # row i: g_i itself
