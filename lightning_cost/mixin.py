@@ -133,7 +133,7 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             tasks: the K task names (K >= 2), the keys ``training_step`` returns.
             shared: the shared module (all its parameters) or an iterable of shared parameters.
                 They must be parameters of this module.
-            method: a registry name (``lightning_cost.aggregators.AVAILABLE``) or a method instance.
+            method: a registry name (``lightning_cost.aggregators.REGISTERED``) or a method instance.
             jacobian_mode: how the K per-task gradients are computed when a Jacobian is needed
                 (:class:`~lightning_cost.jacobian.JacobianEngine`). ``"loop"``: K vector-Jacobian
                 products over one graph. ``"batched"``: one VJP with K one-hot cotangents: the same

@@ -39,13 +39,13 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "fairgrad": ("lightning_cost.aggregators.fairgrad", "FairGrad"),
     "upgrad": ("lightning_cost.aggregators.upgrad", "UPGrad"),
     "dualproj": ("lightning_cost.aggregators.dualproj", "DualProj"),
-    "config": ("lightning_cost.aggregators.config", "ConFIG"),
+    "config": ("lightning_cost.aggregators.conflict_free", "ConFIG"),
     "random": ("lightning_cost.aggregators.random_weights", "Random"),
 }
 _ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw",
             "dual-proj": "dualproj", "con-fig": "config"}
 
-#: The aggregators added for comparison with TorchJD; not among the paper's methods.
+#: Methods beyond the paper's 13, from the peer libraries' lists (TorchJD, LibMTL).
 PEERS = ("upgrad", "dualproj", "config", "random")
 #: The 13 methods the paper compares, in its order: what the benchmarks run by default.
 AVAILABLE = tuple(name for name in _REGISTRY if name not in PEERS)
