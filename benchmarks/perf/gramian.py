@@ -6,8 +6,9 @@ Run::
 
 For each model and K, one batch, one process, one torch thread: the median time of a full training
 step (forward, per-task gradients, the method's weights, the update's backward, Adam) of FairGrad,
-MGDA, CAGrad, Nash-MTL (the authors' CCP, and ``nashmtl_newton``: ``solver="newton"``) and PCGrad over the median LS step on the same model and batch (LS measured
-before, between and after the methods), with
+MGDA, CAGrad, Nash-MTL (the authors' CCP, and ``nashmtl_newton``: ``solver="newton"``) and PCGrad
+over the median LS step on the same model and batch (each row's LS steps timed alternately with its
+own steps, so that a slow stretch of a shared machine slows both), with
 
 * ``jacobian``: the mixin on the Jacobian engine (``engine="jacobian"``, ``J`` formed),
 * ``gramian``: the mixin on the Gramian engine (``engine="gramian"``, the default for these methods),
@@ -97,47 +98,46 @@ def torchjd_step(kind: str, k: int, method: str, batch: Any) -> Callable[[], Non
     return step
 
 
-def measure(step: Callable[[], None], reps: int, warmup: int) -> dict[str, float]:
+def measure(step: Callable[[], None], ls_step: Callable[[], None], reps: int, warmup: int) -> dict[str, float]:
+    """The median step time of ``step`` and of the LS step timed alternately with it (``ls, step, ls,
+    step, ...``), so a slow stretch of the machine slows both; ``ratio_vs_ls`` is their ratio. The peak
+    RSS growth is the pair's, which is ``step``'s (an LS step holds less)."""
     import time
 
     for _ in range(warmup):
+        ls_step()
         step()
-    times = []
+    times: dict[str, list[float]] = {"ls": [], "step": []}
     with RssPeak() as mem:
         for _ in range(reps):
-            t = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t) * 1e3)
-    return {"step_ms": statistics.median(times), "peak_rss_mb": mem.peak_delta / 2**20}
+            for name, fn in (("ls", ls_step), ("step", step)):
+                t = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t) * 1e3)
+    step_ms, ls_ms = statistics.median(times["step"]), statistics.median(times["ls"])
+    return {"step_ms": step_ms, "ls_ms": ls_ms, "ratio_vs_ls": step_ms / ls_ms, "peak_rss_mb": mem.peak_delta / 2**20}
 
 
 def bench_setup(kind: str, k: int, bs: int, reps: int, warmup: int, log: Callable[[str], None]) -> dict[str, Any]:
     batch = batch_for(kind, k, bs)
-    ls_runs = [measure(ours_step(kind, k, "ls", None, batch), reps, warmup)]
+    ls = ours_step(kind, k, "ls", None, batch)
     rows: dict[str, Any] = {}
     paths: dict[str, str] = {}
     split = ""
-    for i, method in enumerate(METHODS):
+    for method in METHODS:
         rows[method] = {}
         for engine in ENGINES:
             step = torchjd_step(kind, k, method, batch) if engine == "torchjd" else ours_step(kind, k, method, engine, batch)
             if step is None:
                 continue
-            rows[method][engine] = measure(step, reps, warmup)
+            rows[method][engine] = measure(step, ls, reps, warmup)
             if engine == "gramian":
                 paths = step.model.mtl_gramian_engine.paths()  # type: ignore[attr-defined]
                 split = step.model.mtl_gramian_engine.split  # type: ignore[attr-defined]
-        if i == len(METHODS) // 2:
-            ls_runs.append(measure(ours_step(kind, k, "ls", None, batch), reps, warmup))
-        log(f"  {kind} K={k} B={bs} {method}: " + ", ".join(f"{e} {r['step_ms']:.0f} ms" for e, r in rows[method].items()))
-    ls_runs.append(measure(ours_step(kind, k, "ls", None, batch), reps, warmup))
-    ls_ms = statistics.median(r["step_ms"] for r in ls_runs)
-    for per_engine in rows.values():
-        for r in per_engine.values():
-            r["ratio_vs_ls"] = r["step_ms"] / ls_ms
-    return {"kind": kind, "K": k, "batch": bs, "ls_ms": ls_ms, "ls_runs_ms": [r["step_ms"] for r in ls_runs],
-            "ls_peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in ls_runs), "methods": rows, "paths": paths,
-            "split": split}
+        log(f"  {kind} K={k} B={bs} {method}: " + ", ".join(f"{e} {r['ratio_vs_ls']:.2f}x" for e, r in rows[method].items()))
+    ls_runs = [r["ls_ms"] for per in rows.values() for r in per.values()]
+    return {"kind": kind, "K": k, "batch": bs, "ls_ms": statistics.median(ls_runs), "ls_runs_ms": ls_runs,
+            "methods": rows, "paths": paths, "split": split}
 
 
 def _cell(per: dict[str, Any], engine: str, key: str, fmt: str) -> str:
