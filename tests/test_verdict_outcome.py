@@ -100,6 +100,13 @@ def test_propose_margin_from_the_base_runs_of_cost_methods() -> None:
     assert set(prop["std"]) == {"cagrad", "fairgrad"} and "fairgrad 2.00 over 3 seeds" in prop["why"]
     assert propose_margin(runs, [_BASELINE], "toy", multiple=1.0)["delta"] == round(math.sqrt(3.5), 2)
     VerdictMargin(prop["delta"], prop["why"])  # a valid config entry as it stands
+    # before any COST row has run (when a margin is fixed), the config's cost_methods name the methods
+    bases = [r for r in runs if r["cost"] == "none"]
+    with pytest.raises(ValueError, match="no base method"):
+        propose_margin(bases, [_BASELINE], "toy")
+    assert propose_margin(bases, [_BASELINE], "toy", methods=["fairgrad", "cagrad"])["pooled_std"] == \
+        pytest.approx(math.sqrt(3.5))
+    assert set(propose_margin(bases, [_BASELINE], "toy", methods=["ls"])["std"]) == {"ls"}
 
 
 def test_margin_in_the_config_is_validated() -> None:
@@ -193,9 +200,9 @@ def test_headline_table_and_readme_block(tmp_path) -> None:
         "birds": {"margin": None, "rows": [row("cagrad", "rescale", "hurts", 2.89, 1.52)]}}}
     table = headline_markdown(verdict)
     lines = table.splitlines()
-    assert lines[0] == "| data set | method | margin δ | paper | rescale |"
-    assert "| yeast | fairgrad | 1.04 | never acted | no effect (-0.04 / +0.21) |" in lines
-    assert "| birds | cagrad | none | not run | hurts (+2.89 / +1.52) |" in lines
+    assert lines[0] == "| data set | method | margin δ | paper | authors | rescale | flatness |"
+    assert "| yeast | fairgrad | 1.04 | never acted | not run | no effect (-0.04 / +0.21) | not run |" in lines
+    assert "| birds | cagrad | none | not run | not run | hurts (+2.89 / +1.52) | not run |" in lines
     assert not any("control" in ln.split("|")[2] for ln in lines[2:4])
     readme = tmp_path / "README.md"
     readme.write_text(f"intro\n{BEGIN}\nold table\n{END}\noutro\n")

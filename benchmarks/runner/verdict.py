@@ -171,12 +171,15 @@ def collect(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str, li
 
 
 def propose_margin(runs: list[dict[str, Any]], baselines: list[dict[str, Any]], dataset: str,
-                   multiple: float = MARGIN_MULTIPLE) -> dict[str, Any]:
+                   multiple: float = MARGIN_MULTIPLE, methods: Sequence[str] | None = None) -> dict[str, Any]:
     """A margin by the rule of the module docstring: ``multiple`` times the pooled across-seed std of
-    Delta-m% over the base (``none``) runs of the methods that have COST rows (controls aside), with
-    a draft ``why``. For a human to check and write into the config; nothing reads it from here."""
+    Delta-m% over the base (``none``) runs of the methods that have COST rows (controls aside; or
+    ``methods``, the config's ``cost_methods``, before any COST row has run, which is when a margin
+    should be fixed), with a draft ``why``. For a human to check and write into the config; nothing
+    reads it from here."""
     s = summarize(runs, baselines, dataset)
-    with_cost = {a["method"] for a in s["agg"] if a["cost"] != "none" and not a.get("control_of")}
+    with_cost = set(methods) if methods else \
+        {a["method"] for a in s["agg"] if a["cost"] != "none" and not a.get("control_of")}
     spread = {}
     for m in sorted(with_cost):
         xs = [r["delta_m"] for r in s["rows"] if (r["method"], r["cost"]) == (m, "none") and math.isfinite(r["delta_m"])]
@@ -283,12 +286,12 @@ def write_verdict(folders: Sequence[str | Path], out: str | Path) -> dict[str, A
     return verdict
 
 
-def _print_proposals(folders: Sequence[str | Path], multiple: float) -> dict[str, Any]:
+def _print_proposals(folders: Sequence[str | Path], multiple: float, methods: Sequence[str] | None) -> dict[str, Any]:
     out = {}
     for folder in map(Path, folders):
         runs, bases = _load(folder)
         name = runs[0]["dataset"]
-        out[name] = prop = propose_margin(runs, bases, name, multiple)
+        out[name] = prop = propose_margin(runs, bases, name, multiple, methods)
         print(f"# {name}\nverdict_margin: {{delta: {prop['delta']}, why: \"{prop['why']} in {folder}\"}}")
     return out
 
@@ -300,9 +303,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--propose-margin", action="store_true", help="print a verdict_margin per folder; write nothing")
     p.add_argument("--margin-multiple", type=float, default=MARGIN_MULTIPLE,
                    help="the margin in pooled across-seed stds of the base methods' Delta-m%%")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="with --propose-margin: the methods with COST rows (default: those that have run)")
     args = p.parse_args(argv)
     if args.propose_margin:
-        return _print_proposals(args.folders, args.margin_multiple)
+        return _print_proposals(args.folders, args.margin_multiple, args.methods)
     verdict = write_verdict(args.folders, args.out)
     print((Path(args.out) / "VERDICT.md").read_text())
     return verdict
