@@ -28,6 +28,16 @@ class Force(L.Callback):
             self.tele.request_teleport()
 
 
+class Grab(L.Callback):
+    """Keeps every training batch, in step order (``batches``)."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches.append(batch)
+
+
 class Spy(L.Callback):
     """Put before the teleport callback: snapshots the state the teleport starts from."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
-from teleport_helpers import Force, ReluMTL, Spy, fit
+from teleport_helpers import Force, Grab, ReluMTL, Spy, fit
 from torch import nn
 from torch.func import functional_call, hessian
 
@@ -84,11 +84,7 @@ def test_flatness_teleport_lowers_the_exact_hessian_trace_more_than_random_resca
     model = ReluMTL(k=3)
     tele = SymmetryTeleportCallback(teleporter={"name": "rescale", "objective": "flatness", "max_scale": 1.5,
                                                 "probes": 16}, schedule={"max_per_epoch": None})
-    spy, batches = Spy(), []
-
-    class Grab(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            batches.append(batch)
+    spy, grab = Spy(), Grab()
 
     class After(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -96,10 +92,10 @@ def test_flatness_teleport_lowers_the_exact_hessian_trace_more_than_random_resca
                 self.params = [p.detach().clone() for p in pl_module.trunk.parameters()]
 
     after = After()
-    fit(model, [Grab(), Force(tele, steps=(5,)), spy, tele, after], steps=6)
+    fit(model, [grab, Force(tele, steps=(5,)), spy, tele, after], steps=6)
     rec = tele.history[0]
     assert rec.accepted and rec.moved, rec.reason
-    x, y = batches[5]
+    x, y = grab.batches[5]
     trunk = model.trunk.double()
     heads = [h.double() for h in model.heads]
     names = [n for n, _ in trunk.named_parameters()]

@@ -6,7 +6,7 @@ import lightning as L
 import pytest
 import torch
 from mtl_models import TinyMTL
-from teleport_helpers import Force, ReluMTL, Spy, fit
+from teleport_helpers import Force, Grab, ReluMTL, Spy, fit
 from torch import nn
 
 from lightning_cost import SymmetryTeleportCallback
@@ -60,11 +60,7 @@ def _teleport_once(objective, transfer="transport"):
     tele = SymmetryTeleportCallback(teleporter={"name": "rescale", "objective": objective},
                                     schedule={"max_per_epoch": None}, transfer=transfer)
     spy = Spy()
-    batches = []
-
-    class Grab(L.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            batches.append(batch)
+    grab = Grab()
 
     class After(L.Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
@@ -74,8 +70,8 @@ def _teleport_once(objective, transfer="transport"):
                             for p in pl_module.shared_parameters()}
 
     after = After()
-    fit(model, [Grab(), Force(tele, steps=(5,)), spy, tele, after], steps=6)
-    return model, tele, spy.snaps[5], after, batches[5]
+    fit(model, [grab, Force(tele, steps=(5,)), spy, tele, after], steps=6)
+    return model, tele, spy.snaps[5], after, grab.batches[5]
 
 
 @pytest.mark.parametrize("objective", ["conflict", "grad_norm"])

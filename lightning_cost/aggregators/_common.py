@@ -5,6 +5,7 @@ solver (MGDA, CAGrad), the dual-cone projection (UPGrad, DualProj) and seeded ge
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError
 
-__all__ = ["dual_cone_weights", "gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
+__all__ = ["SeededDraws", "dual_cone_weights", "gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 #: below this reciprocal condition number a KKT system is solved by least squares, not LU
@@ -53,6 +54,25 @@ def require_nonzero_norms(gramian: np.ndarray, method: str, reason: str) -> np.n
         zero = np.flatnonzero(norms <= 0.0).tolist()
         raise ValueError(f"{method}: the gradient of task(s) {zero} is zero, and {reason}")
     return norms
+
+
+class SeededDraws:
+    """For a method that draws from a private generator (PCGrad's orders, GradDrop's masks, Random's
+    weights): :meth:`_seed` makes it, and the generator's state is the module's extra state, so a
+    ``state_dict`` resumed run continues the same draws."""
+
+    seed: int | None
+    generator: torch.Generator
+
+    def _seed(self, seed: int | None) -> None:
+        self.seed = seed
+        self.generator = seeded_generator(seed)
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"])
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators._common import seeded_generator
+from lightning_cost.aggregators._common import SeededDraws
 from lightning_cost.aggregators.base import Aggregator, check_jacobian, check_jacobian_shape
 
 __all__ = ["GradDrop"]
 
 
-class GradDrop(Aggregator):
+class GradDrop(SeededDraws, Aggregator):
     """Gradient Sign Dropout (Chen, Ngiam, Huang, Luong, Kretzschmar, Chai & Anguelov,
     NeurIPS 2020, "Just Pick a Sign", Sec. 3, eq. (1) and Algorithm 1).
 
@@ -54,8 +53,7 @@ class GradDrop(Aggregator):
             raise ValueError(f"leak must be in [0, 1] (a float or one per task), got {leak!r}")
         self.leak = leak
         self._leaks = leaks
-        self.seed = seed
-        self.generator = seeded_generator(seed)
+        self._seed(seed)
 
     def _leak_vector(self, k: int, like: Tensor) -> Tensor:
         if len(self._leaks) == 1:
@@ -99,12 +97,6 @@ class GradDrop(Aggregator):
             mask = (keep_positive & (work > 0)) | (~keep_positive & (work < 0))
             d = ((leak + (1.0 - leak) * mask.to(work.dtype)) * work).sum(dim=0)
         return d.to(jacobian.dtype)
-
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         return f"leak={self.leak!r}, seed={self.seed}"

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators._common import gramian_as_float64, seeded_generator, weights_like
+from lightning_cost.aggregators._common import SeededDraws, gramian_as_float64, weights_like
 from lightning_cost.aggregators.base import GramianAggregator
 
 __all__ = ["PCGrad"]
@@ -50,7 +48,7 @@ def _project_lockstep(g: np.ndarray, orders: list[list[int]]) -> np.ndarray:
     return c.sum(axis=0)
 
 
-class PCGrad(GramianAggregator):
+class PCGrad(SeededDraws, GramianAggregator):
     """Projecting Conflicting Gradients (Yu, Kumar, Gupta, Levine, Hausman & Finn,
     NeurIPS 2020, "Gradient Surgery for Multi-Task Learning", Algorithm 1).
 
@@ -87,8 +85,7 @@ class PCGrad(GramianAggregator):
 
     def __init__(self, seed: int | None = None) -> None:
         super().__init__()
-        self.seed = seed
-        self.generator = seeded_generator(seed)
+        self._seed(seed)
 
     def weights(self, gramian: Tensor) -> Tensor:
         g = gramian_as_float64(gramian)  # exactly symmetric: row j of G is g_j's column
@@ -97,12 +94,6 @@ class PCGrad(GramianAggregator):
         orders = [[j for j in torch.randperm(k, generator=self.generator).tolist() if j != i] for i in range(k)]
         total = _project_small(g.tolist(), orders) if k <= _SMALL_K else _project_lockstep(g, orders)
         return weights_like(total, gramian)
-
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"

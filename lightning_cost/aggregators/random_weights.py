@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators._common import gramian_as_float64, seeded_generator, weights_like
+from lightning_cost.aggregators._common import SeededDraws, gramian_as_float64, weights_like
 from lightning_cost.aggregators.base import GramianAggregator
 
 __all__ = ["Random"]
 
 
-class Random(GramianAggregator):
+class Random(SeededDraws, GramianAggregator):
     """Random weighting of the gradients (Lin, Ye, Zhang & Tsang, TMLR 2022, "Reasonable
     Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning", Sec. 3, the
     random weighting of the task gradients (Algorithm 2); TorchJD's ``Random`` aggregator).
@@ -47,19 +45,12 @@ class Random(GramianAggregator):
         super().__init__()
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an int or None, got {seed!r}")
-        self.seed = seed
-        self.generator = seeded_generator(seed)
+        self._seed(seed)
 
     def weights(self, gramian: Tensor) -> Tensor:
         k = gramian_as_float64(gramian).shape[0]  # validates G (shape, finite) like every method
         z = torch.randn(k, generator=self.generator, dtype=torch.float64)
         return weights_like(torch.softmax(z, dim=0).numpy(), gramian)
-
-    def get_extra_state(self) -> Any:
-        return {"generator": self.generator.get_state()}
-
-    def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
 
     def extra_repr(self) -> str:
         return f"seed={self.seed}"

@@ -15,8 +15,8 @@ Zhao et al., ICLR 2024), from one Hutchinson estimate of ``diag H`` (``probes`` 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
