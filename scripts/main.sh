@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up the environment and run the main job: FairGrad on MultiMNIST with forced teleports (LoRA,
-# exact rescaling) next to their controls (a dropped step, a random move of the same size), 3 paired
+# exact rescaling) next to their matched controls (the same steps and state change, no move) and a random move, 3 paired
 # seeds; prints the tables and writes results/main/{runs.csv,table.md,summary.png}.
 set -euo pipefail
 cd "$(dirname "$0")/.."

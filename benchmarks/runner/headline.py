@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BEGIN", "END", "headline_markdown", "update_readme"]
+__all__ = ["BEGIN", "END", "VARIANTS", "headline_markdown", "update_readme"]
 
+#: the verdict's variants, always shown (a data set where one has not run says so); others follow
+VARIANTS = ("paper", "authors", "rescale", "flatness")
 BEGIN = "<!-- verdict headline: begin (python -m benchmarks.run --verdict ... --readme README.md) -->"
 END = "<!-- verdict headline: end -->"
 
@@ -31,7 +33,7 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 def headline_markdown(verdict: dict[str, Any]) -> str:
     """The table (markdown) and a line saying how to read it."""
-    variants: list[str] = []
+    variants = list(VARIANTS)
     for d in verdict["datasets"].values():
         for r in d["rows"]:
             if r["outcome"] is not None and r["cost"] not in variants:
