@@ -1,7 +1,7 @@
-"""UPGrad, DualProj, ConFIG and Random (the Jacobian-descent aggregators as TorchJD defines them):
-against TorchJD 0.18, against their defining properties computed independently (cvxpy for the
-projections, the unit-gradient pseudo-inverse for ConFIG), the shared symmetries, and through the
-mixin on both engines."""
+"""UPGrad, DualProj, ConFIG, Random, Aligned-MTL and Krum (the Gramian aggregators as TorchJD
+defines them): against TorchJD 0.18, against their defining properties computed independently (cvxpy
+for the projections, the unit-gradient pseudo-inverse for ConFIG, the SVD of J for Aligned-MTL,
+brute-force distances for Krum), the shared symmetries, and through the mixin on both engines."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from aggregator_props import HYPO, Symmetry, assert_permutation_and_scale, gram, jacobians
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from mtl_models import TinyMTL, loader, regression_data, trainer
 
@@ -21,16 +21,19 @@ from lightning_cost.aggregators import (
     REGISTERED,
     RLW,
     AggregationError,
+    AlignedMTL,
     ConFIG,
     DualProj,
     GramianAggregator,
+    Krum,
     Random,
     UPGrad,
     aggregator_class,
     build_aggregator,
 )
 
-CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random}
+CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random,
+           "alignedmtl": AlignedMTL, "krum": Krum}
 KS = [2, 3, 5, 12]
 KINDS = ["conflicting", "random", "aligned"]
 
@@ -73,7 +76,7 @@ def _torchjd(name: str, exact: bool = False):
         if not hasattr(linalg, "QuadprogProjector"):
             pytest.skip("this TorchJD has no QuadprogProjector")
         return cls(projector=linalg.QuadprogProjector(norm_eps=0.0, reg_eps=0.0))
-    return {"config": agg.ConFIG, "random": agg.Random}[name]()
+    return {"config": agg.ConFIG, "random": agg.Random, "alignedmtl": agg.AlignedMTL, "krum": agg.Krum}[name]()
 
 
 #: tolerance (relative to the largest gradient norm) of each comparison; measured maxima in the comment
@@ -83,6 +86,7 @@ TORCHJD_RTOL = {
     ("upgrad", False): 1e-2,  # TorchJD solves for G / tr G + 1e-4 I: measured up to 1.8e-3
     ("dualproj", False): 1e-2,
     ("config", False): 1e-10,  # measured <= 2e-14
+    ("alignedmtl", False): 1e-10,  # measured <= 7e-16
 }
 
 
@@ -108,6 +112,23 @@ def test_random_matches_torchjd_draw_for_draw(k: int) -> None:
         torch.manual_seed(123)
         for _ in range(3):  # the sequences continue alike
             torch.testing.assert_close(ours.aggregate(j), theirs(j), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("k", [3, 5, 12])
+@pytest.mark.parametrize("kind", KINDS)
+def test_aligned_mtl_scales_and_krum_match_torchjd(k: int, kind: str) -> None:
+    agg = pytest.importorskip("torchjd.aggregation")
+    for seed in range(3):
+        j = make_jacobian(k, kind, seed=seed)
+        for ours, theirs in (("mean", "rmse"), ("median", "median")):
+            if ours == "median" and k % 2 == 0:
+                continue  # even count: we average the middle two eigenvalues, TorchJD takes the lower
+            diff = AlignedMTL(scale=ours).aggregate(j) - agg.AlignedMTL(scale_mode=theirs)(j)
+            assert float(diff.abs().max()) <= 1e-10 * mean_scale(j)
+        # f = K - 3 scores each gradient by its nearest neighbour: the closest pair ties, so select 2
+        for f, n in [(0, 1), (0, 2), (k - 3, 2), (1, k)]:
+            if f + 3 <= k:
+                torch.testing.assert_close(Krum(f, n).aggregate(j), agg.Krum(f, n)(j), rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- UPGrad, DualProj
@@ -211,6 +232,52 @@ def test_config_degenerate_cases() -> None:
     torch.testing.assert_close(ConFIG().weights(g.float()).double(), ConFIG().weights(g), rtol=1e-4, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------- Aligned-MTL, Krum
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize(("kind", "p"), [("conflicting", None), ("random", None), ("random", 4)])
+def test_aligned_mtl_is_the_equal_norm_orthogonal_basis_of_the_svd(k: int, kind: str, p: int | None) -> None:
+    """From the SVD J = U S W^T (not the Gramian): the aligned gradients are s U W^T, so with the
+    smallest non-zero singular value s_r, d = s_r W U^T w; they are orthogonal with norm s_r."""
+    j = make_jacobian(k, kind, p=p)
+    u, sv, wt = np.linalg.svd(j.numpy(), full_matrices=False)
+    r = int((sv > sv[0] * 1e-10).sum())
+    aligned = sv[r - 1] * u[:, :r] @ wt[:r]
+    np.testing.assert_allclose(aligned @ aligned.T, sv[r - 1] ** 2 * u[:, :r] @ u[:, :r].T, atol=1e-9 * sv[0] ** 2)
+    expected = aligned.T @ np.full(k, 1.0 / k)
+    np.testing.assert_allclose(AlignedMTL().aggregate(j).numpy(), expected, atol=1e-9 * mean_scale(j))
+    pref = np.arange(1.0, k + 1.0)
+    np.testing.assert_allclose(AlignedMTL(preference=list(pref)).aggregate(j).numpy(), aligned.T @ pref,
+                               atol=1e-8 * mean_scale(j))
+
+
+def test_aligned_mtl_hand_case_and_degenerate_input() -> None:
+    # orthogonal gradients of norms 1 and 3: aligned to norm 1 each, d = (e1 + e2) / 2
+    j = torch.tensor([[1.0, 0.0, 0.0], [0.0, 3.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(AlignedMTL().aggregate(j), torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64))
+    # scale="mean": eigenvalues 1 and 9, s = sqrt(5): both aligned gradients have norm sqrt(5)
+    torch.testing.assert_close(AlignedMTL(scale="mean").aggregate(j), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64) * 5**0.5 / 2)
+    assert torch.equal(AlignedMTL().aggregate(torch.zeros(3, 4, dtype=torch.float64)), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="2 weights for 3 tasks"):
+        AlignedMTL(preference=[1.0, 2.0]).aggregate(make_jacobian(3, "random"))
+
+
+def test_krum_picks_the_gradient_closest_to_its_neighbours() -> None:
+    j = make_jacobian(6, "aligned")
+    j[4] = -10.0 * j[4]  # an outlier
+    dist = torch.cdist(j, j)  # brute force in parameter space, not from the Gramian
+    for f, n in [(0, 1), (1, 1), (2, 3)]:
+        scores = torch.sort(dist, dim=1).values[:, 1 : 6 - f - 2 + 1].sum(dim=1)
+        chosen = torch.argsort(scores)[:n]
+        torch.testing.assert_close(Krum(f, n).aggregate(j), j[chosen].mean(0), rtol=1e-12, atol=1e-12)
+        assert 4 not in chosen.tolist()
+    with pytest.raises(ValueError, match="at least 5 tasks"):
+        Krum(outliers=2).aggregate(j[:4])
+    with pytest.raises(ValueError, match="at least 7 tasks"):
+        Krum(selected=7).aggregate(j)
+
+
 # ----------------------------------------------------------------------------- Random
 
 
@@ -258,6 +325,9 @@ SYMMETRY = {
     "config": Symmetry(rtol=1e-7, atol=1e-9),
     # seeded: the same draws at every scale; the draws are per task index, so no permutation property
     "random": Symmetry(permutes=False, rtol=1e-12, atol=1e-12, hparams={"seed": 5}),
+    "alignedmtl": Symmetry(rtol=1e-7, atol=1e-9),
+    # selected=2: with K - f - 2 = 1 neighbour (K = 3) the closest pair ties, and a tie breaks by index
+    "krum": Symmetry(rtol=1e-9, atol=1e-12, hparams={"selected": 2}),
 }
 
 
@@ -266,6 +336,8 @@ SYMMETRY = {
 @given(j=jacobians(), c=st.sampled_from([1e-3, 0.5, 1e3]), perm_seed=st.integers(0, 100))
 def test_permutation_and_scale(name: str, j: torch.Tensor, c: float, perm_seed: int) -> None:
     sym = SYMMETRY[name]
+    if name == "krum":
+        assume(j.shape[0] >= 3)  # Krum needs K >= f + 3
     perm = torch.randperm(j.shape[0], generator=torch.Generator().manual_seed(perm_seed)).tolist()
     assert_permutation_and_scale(lambda: build_aggregator(name, **sym.hparams), j, c, perm, sym)
 
@@ -281,10 +353,12 @@ def test_registry_exports_and_validation(name: str) -> None:
 
 
 def test_aliases_and_init_validation() -> None:
-    assert len(AVAILABLE) == 13 and len(REGISTERED) == 17
+    assert len(AVAILABLE) == 13 and len(REGISTERED) == 19
     assert isinstance(build_aggregator("Dual-Proj"), DualProj) and isinstance(build_aggregator("ConFIG"), ConFIG)
     for make in (lambda: UPGrad(tol=0.0), lambda: DualProj(tol=1.5), lambda: ConFIG(rcond=-1.0),
-                 lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True)):
+                 lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True),
+                 lambda: AlignedMTL(scale="rmse"), lambda: AlignedMTL(preference=[1.0, -1.0]),
+                 lambda: Krum(outliers=-1), lambda: Krum(selected=0), lambda: Krum(selected=1.0)):
         with pytest.raises(ValueError):
             make()
 
@@ -300,7 +374,8 @@ def one_step(method: str, engine: str, k: int = 3, **kw) -> TinyMTL:
     return model
 
 
-@pytest.mark.parametrize(("method", "kw"), [("upgrad", {}), ("dualproj", {}), ("config", {}), ("random", {"seed": 0})])
+@pytest.mark.parametrize(("method", "kw"), [("upgrad", {}), ("dualproj", {}), ("config", {}), ("random", {"seed": 0}),
+                                           ("alignedmtl", {}), ("krum", {})])
 def test_same_step_on_both_engines(method: str, kw: dict) -> None:
     gram_model, jac_model = one_step(method, "gramian", **kw), one_step(method, "jacobian", **kw)
     assert gram_model.mtl_uses_gramian_engine and gram_model.mtl_step.jacobian is None

@@ -1,6 +1,6 @@
-"""17 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
-:data:`AVAILABLE`) and 4 Jacobian-descent aggregators as TorchJD defines them (:data:`PEERS`:
-UPGrad, DualProj, ConFIG, Random).
+"""19 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
+:data:`AVAILABLE`) and 6 Gramian aggregators as TorchJD defines them (:data:`PEERS`:
+UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum).
 
 ``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive); the classes
 are importable from here too (``from lightning_cost.aggregators import FairGrad, MGDA``).
@@ -41,12 +41,14 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "dualproj": ("lightning_cost.aggregators.dualproj", "DualProj"),
     "config": ("lightning_cost.aggregators.conflict_free", "ConFIG"),
     "random": ("lightning_cost.aggregators.random_weights", "Random"),
+    "alignedmtl": ("lightning_cost.aggregators.aligned_mtl", "AlignedMTL"),
+    "krum": ("lightning_cost.aggregators.krum", "Krum"),
 }
 _ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw",
-            "dual-proj": "dualproj", "con-fig": "config"}
+            "dual-proj": "dualproj", "con-fig": "config", "aligned-mtl": "alignedmtl"}
 
 #: Methods beyond the paper's 13, from the peer libraries' lists (TorchJD, LibMTL).
-PEERS = ("upgrad", "dualproj", "config", "random")
+PEERS = ("upgrad", "dualproj", "config", "random", "alignedmtl", "krum")
 #: The 13 methods the paper compares, in its order: what the benchmarks run by default.
 AVAILABLE = tuple(name for name in _REGISTRY if name not in PEERS)
 #: Every registered name (``AVAILABLE + PEERS``).
@@ -91,6 +93,7 @@ __all__ = [
     "AVAILABLE",
     "PEERS",
     "REGISTERED",
+    "AlignedMTL",
     "CAGrad",
     "ConFIG",
     "DWA",
@@ -99,6 +102,7 @@ __all__ = [
     "FairGrad",
     "GradDrop",
     "IMTLG",
+    "Krum",
     "LinearScalarization",
     "MGDA",
     "NashMTL",
