@@ -1,7 +1,8 @@
-"""UPGrad, DualProj, ConFIG, Random, Aligned-MTL and Krum (the Gramian aggregators as TorchJD
-defines them): against TorchJD 0.18, against their defining properties computed independently (cvxpy
-for the projections, the unit-gradient pseudo-inverse for ConFIG, the SVD of J for Aligned-MTL,
-brute-force distances for Krum), the shared symmetries, and through the mixin on both engines."""
+"""UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum and GradVac (the Gramian aggregators as
+TorchJD defines them): against TorchJD 0.18, against their defining properties computed independently
+(cvxpy for the projections, the unit-gradient pseudo-inverse for ConFIG, the SVD of J for Aligned-MTL,
+brute-force distances for Krum, the vaccine on the gradients themselves for GradVac), the shared
+symmetries, and through the mixin on both engines."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ from lightning_cost.aggregators import (
     AlignedMTL,
     ConFIG,
     DualProj,
+    GradVac,
     GramianAggregator,
     Krum,
+    PCGrad,
     Random,
     UPGrad,
     aggregator_class,
@@ -33,7 +36,7 @@ from lightning_cost.aggregators import (
 )
 
 CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random,
-           "alignedmtl": AlignedMTL, "krum": Krum}
+           "alignedmtl": AlignedMTL, "krum": Krum, "gradvac": GradVac}
 KS = [2, 3, 5, 12]
 KINDS = ["conflicting", "random", "aligned"]
 
@@ -278,6 +281,66 @@ def test_krum_picks_the_gradient_closest_to_its_neighbours() -> None:
         Krum(selected=7).aggregate(j)
 
 
+# ----------------------------------------------------------------------------- GradVac
+
+
+def vaccine_on_gradients(j: torch.Tensor, targets: np.ndarray, orders: list[list[int]], beta: float) -> torch.Tensor:
+    """Algorithm 1 of GradVac on the gradient vectors themselves (not the Gramian); updates ``targets``."""
+    out = torch.zeros(j.shape[1], dtype=torch.float64)
+    for i, order in enumerate(orders):
+        gi = j[i].clone()
+        for jj in order:
+            phi = float(gi @ j[jj] / (gi.norm() * j[jj].norm()))
+            t = targets[i, jj]
+            if phi < t:
+                gi = gi + gi.norm() * (t * (1 - phi**2) ** 0.5 - phi * (1 - t**2) ** 0.5) / (j[jj].norm() * (1 - t**2) ** 0.5) * j[jj]
+                assert abs(float(gi @ j[jj] / (gi.norm() * j[jj].norm())) - t) < 1e-9  # the target is reached
+            targets[i, jj] = (1 - beta) * t + beta * phi
+        out += gi
+    return out
+
+
+@pytest.mark.parametrize("k", KS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradvac_matches_the_vaccine_on_the_gradients_and_torchjd(k: int, kind: str) -> None:
+    ours, targets = GradVac(beta=0.3, seed=11), np.zeros((k, k))
+    gen = torch.Generator().manual_seed(11)  # the orders GradVac draws: randperm(K-1) over the others, per task
+    for t in range(4):  # the targets carry over from call to call
+        j = make_jacobian(k, kind, seed=t)
+        orders = [[[x for x in range(k) if x != i][n] for n in torch.randperm(k - 1, generator=gen).tolist()] for i in range(k)]
+        expected = vaccine_on_gradients(j, targets, orders, 0.3)
+        torch.testing.assert_close(ours.aggregate(j), expected, rtol=1e-9, atol=1e-9 * mean_scale(j))
+        np.testing.assert_allclose(ours.targets, targets, atol=1e-12)
+    agg = pytest.importorskip("torchjd.aggregation")
+    ours = GradVac(seed=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(4)
+        theirs = agg.GradVac()
+        for t in range(4):  # TorchJD adds eps = 1e-8 to its denominators: measured <= 3e-9
+            j = make_jacobian(k, kind, seed=t)
+            assert float((ours.aggregate(j) - theirs(j)).abs().max()) <= 1e-7 * mean_scale(j)
+
+
+def test_gradvac_first_call_is_pcgrad_and_state_resumes() -> None:
+    j = torch.tensor([[1.0, 0.0], [-1.0, 1.0]], dtype=torch.float64)  # cos = -1/sqrt(2)
+    # targets 0: each gradient projected onto the other's normal plane, as PCGrad does
+    pc = torch.tensor([0.5, 0.5], dtype=torch.float64) + torch.tensor([0.0, 1.0], dtype=torch.float64)
+    gv = GradVac(beta=0.5, seed=0)
+    torch.testing.assert_close(gv.aggregate(j), pc)
+    torch.testing.assert_close(PCGrad(seed=0).aggregate(j), pc)
+    np.testing.assert_allclose(gv.targets, [[0.0, -0.5**1.5], [-0.5**1.5, 0.0]])  # 0.5 * cos
+    state = gv.state_dict()
+    k3 = make_jacobian(2, "conflicting")
+    expected = gv.aggregate(k3)
+    again = GradVac(beta=0.5, seed=9)
+    again.load_state_dict(state)
+    torch.testing.assert_close(again.aggregate(k3), expected, rtol=0, atol=0)
+    assert gv.aggregate(make_jacobian(3, "random")).shape == (11,) and gv.targets.shape == (3, 3)  # new K: new targets
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="beta"):
+            GradVac(beta=bad)
+
+
 # ----------------------------------------------------------------------------- Random
 
 
@@ -328,6 +391,7 @@ SYMMETRY = {
     "alignedmtl": Symmetry(rtol=1e-7, atol=1e-9),
     # selected=2: with K - f - 2 = 1 neighbour (K = 3) the closest pair ties, and a tie breaks by index
     "krum": Symmetry(rtol=1e-9, atol=1e-12, hparams={"selected": 2}),
+    "gradvac": Symmetry(permutes=False, rtol=1e-8, atol=1e-10, hparams={"seed": 5}),  # orders drawn per index
 }
 
 
@@ -353,7 +417,7 @@ def test_registry_exports_and_validation(name: str) -> None:
 
 
 def test_aliases_and_init_validation() -> None:
-    assert len(AVAILABLE) == 13 and len(REGISTERED) == 19
+    assert len(AVAILABLE) == 13 and len(REGISTERED) == 20
     assert isinstance(build_aggregator("Dual-Proj"), DualProj) and isinstance(build_aggregator("ConFIG"), ConFIG)
     for make in (lambda: UPGrad(tol=0.0), lambda: DualProj(tol=1.5), lambda: ConFIG(rcond=-1.0),
                  lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True),
@@ -375,7 +439,7 @@ def one_step(method: str, engine: str, k: int = 3, **kw) -> TinyMTL:
 
 
 @pytest.mark.parametrize(("method", "kw"), [("upgrad", {}), ("dualproj", {}), ("config", {}), ("random", {"seed": 0}),
-                                           ("alignedmtl", {}), ("krum", {})])
+                                           ("alignedmtl", {}), ("krum", {}), ("gradvac", {"seed": 0})])
 def test_same_step_on_both_engines(method: str, kw: dict) -> None:
     gram_model, jac_model = one_step(method, "gramian", **kw), one_step(method, "jacobian", **kw)
     assert gram_model.mtl_uses_gramian_engine and gram_model.mtl_step.jacobian is None
