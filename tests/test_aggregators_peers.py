@@ -1,8 +1,8 @@
 """UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum and GradVac (the Gramian aggregators as
 TorchJD defines them): against TorchJD 0.18, against their defining properties computed independently
 (cvxpy for the projections, the unit-gradient pseudo-inverse for ConFIG, the SVD of J for Aligned-MTL,
-brute-force distances for Krum, the vaccine on the gradients themselves for GradVac), the shared
-symmetries, and through the mixin on both engines."""
+brute-force distances for Krum, the vaccine on the gradients themselves for GradVac, the running
+average by hand for CR-MOGM), the shared symmetries, and through the mixin on both engines."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ import lightning_cost.aggregators as aggregators
 import lightning_cost.aggregators._common as common
 from lightning_cost.aggregators import (
     AVAILABLE,
+    CRMOGM,
+    MGDA,
     PEERS,
     REGISTERED,
     RLW,
@@ -36,7 +38,8 @@ from lightning_cost.aggregators import (
 )
 
 CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random,
-           "alignedmtl": AlignedMTL, "krum": Krum, "gradvac": GradVac}
+           "alignedmtl": AlignedMTL, "krum": Krum, "gradvac": GradVac,
+           "crmogm": CRMOGM}
 KS = [2, 3, 5, 12]
 KINDS = ["conflicting", "random", "aligned"]
 
@@ -341,6 +344,48 @@ def test_gradvac_first_call_is_pcgrad_and_state_resumes() -> None:
             GradVac(beta=bad)
 
 
+# ----------------------------------------------------------------------------- CR-MOGM
+
+
+def test_crmogm_is_the_running_average_of_the_wrapped_weights() -> None:
+    jacobians_seq = [make_jacobian(4, "conflicting", seed=t) for t in range(5)]
+    ours, mgda = CRMOGM("mgda", alpha=0.7), MGDA()
+    running = None
+    for j in jacobians_seq:
+        fresh = mgda.weights(gram(j))
+        running = fresh if running is None else 0.7 * running + 0.3 * fresh
+        torch.testing.assert_close(ours.weights(gram(j)), running, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(CRMOGM("mgda", alpha=0.0).aggregate(jacobians_seq[0]), MGDA().aggregate(jacobians_seq[0]))
+    # a stateful base keeps its own state under base. and the whole sequence resumes
+    a = CRMOGM(build_aggregator("gradvac", seed=2), alpha=0.5)
+    a.aggregate(jacobians_seq[0])
+    state = a.state_dict()
+    assert set(state) == {"_extra_state", "base._extra_state"}
+    expected = a.aggregate(jacobians_seq[1])
+    b = CRMOGM(build_aggregator("gradvac", seed=8), alpha=0.5)
+    b.load_state_dict(state)
+    assert torch.equal(b.aggregate(jacobians_seq[1]), expected)
+    assert CRMOGM().weights(gram(make_jacobian(3, "random"))).shape == (3,)  # a new K restarts the average
+    for make in (lambda: CRMOGM(alpha=1.0), lambda: CRMOGM(alpha=-0.1), lambda: CRMOGM("ls"), lambda: CRMOGM(CRMOGM())):
+        with pytest.raises(ValueError):
+            make()
+
+
+def test_crmogm_smoothing_matches_torchjd() -> None:
+    """TorchJD's CR-MOGM smoothing around our MGDA's weights (its own MGDA is an inexact iteration)."""
+    agg = pytest.importorskip("torchjd.aggregation")
+
+    class OurMGDA(agg.Weighting):
+        def forward(self, g: torch.Tensor) -> torch.Tensor:
+            return MGDA().weights(g)
+
+    theirs = agg.GramianWeightedAggregator(agg.CRMOGMWeighting(OurMGDA(), alpha=0.6))
+    ours = CRMOGM("mgda", alpha=0.6)
+    for t in range(4):
+        j = make_jacobian(5, "conflicting", seed=t)
+        torch.testing.assert_close(ours.aggregate(j), theirs(j), rtol=1e-12, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- Random
 
 
@@ -392,6 +437,7 @@ SYMMETRY = {
     # selected=2: with K - f - 2 = 1 neighbour (K = 3) the closest pair ties, and a tie breaks by index
     "krum": Symmetry(rtol=1e-9, atol=1e-12, hparams={"selected": 2}),
     "gradvac": Symmetry(permutes=False, rtol=1e-8, atol=1e-10, hparams={"seed": 5}),  # orders drawn per index
+    "crmogm": Symmetry(rtol=1e-7, atol=1e-9),
 }
 
 
@@ -417,7 +463,7 @@ def test_registry_exports_and_validation(name: str) -> None:
 
 
 def test_aliases_and_init_validation() -> None:
-    assert len(AVAILABLE) == 13 and len(REGISTERED) == 20
+    assert len(AVAILABLE) == 13 and len(REGISTERED) == 21
     assert isinstance(build_aggregator("Dual-Proj"), DualProj) and isinstance(build_aggregator("ConFIG"), ConFIG)
     for make in (lambda: UPGrad(tol=0.0), lambda: DualProj(tol=1.5), lambda: ConFIG(rcond=-1.0),
                  lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True),
@@ -439,7 +485,8 @@ def one_step(method: str, engine: str, k: int = 3, **kw) -> TinyMTL:
 
 
 @pytest.mark.parametrize(("method", "kw"), [("upgrad", {}), ("dualproj", {}), ("config", {}), ("random", {"seed": 0}),
-                                           ("alignedmtl", {}), ("krum", {}), ("gradvac", {"seed": 0})])
+                                           ("alignedmtl", {}), ("krum", {}), ("gradvac", {"seed": 0}),
+                                           ("crmogm", {})])
 def test_same_step_on_both_engines(method: str, kw: dict) -> None:
     gram_model, jac_model = one_step(method, "gramian", **kw), one_step(method, "jacobian", **kw)
     assert gram_model.mtl_uses_gramian_engine and gram_model.mtl_step.jacobian is None

@@ -1,6 +1,6 @@
-"""20 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
-:data:`AVAILABLE`) and 7 Gramian aggregators as TorchJD defines them (:data:`PEERS`:
-UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum, GradVac).
+"""21 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
+:data:`AVAILABLE`) and 8 Gramian aggregators as TorchJD defines them (:data:`PEERS`:
+UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum, GradVac, CR-MOGM).
 
 ``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive); the classes
 are importable from here too (``from lightning_cost.aggregators import FairGrad, MGDA``).
@@ -44,12 +44,13 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "alignedmtl": ("lightning_cost.aggregators.aligned_mtl", "AlignedMTL"),
     "krum": ("lightning_cost.aggregators.krum", "Krum"),
     "gradvac": ("lightning_cost.aggregators.gradvac", "GradVac"),
+    "crmogm": ("lightning_cost.aggregators.cr_mogm", "CRMOGM"),
 }
 _ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw",
-            "dual-proj": "dualproj", "con-fig": "config", "aligned-mtl": "alignedmtl"}
+            "dual-proj": "dualproj", "con-fig": "config", "aligned-mtl": "alignedmtl", "cr-mogm": "crmogm"}
 
 #: Methods beyond the paper's 13, from the peer libraries' lists (TorchJD, LibMTL).
-PEERS = ("upgrad", "dualproj", "config", "random", "alignedmtl", "krum", "gradvac")
+PEERS = ("upgrad", "dualproj", "config", "random", "alignedmtl", "krum", "gradvac", "crmogm")
 #: The 13 methods the paper compares, in its order: what the benchmarks run by default.
 AVAILABLE = tuple(name for name in _REGISTRY if name not in PEERS)
 #: Every registered name (``AVAILABLE + PEERS``).
@@ -96,6 +97,7 @@ __all__ = [
     "REGISTERED",
     "AlignedMTL",
     "CAGrad",
+    "CRMOGM",
     "ConFIG",
     "DWA",
     "DualProj",
