@@ -49,7 +49,8 @@ class CRMOGM(GramianAggregator):
         self.running: Tensor | None = None
 
     def weights(self, gramian: Tensor) -> Tensor:
-        gramian_as_float64(gramian)  # validates G (shape, finite) like every method
+        if not self.base.validates_gramian:  # a built-in base validates G (shape, finite) itself
+            gramian_as_float64(gramian)
         fresh = self.base.weights(gramian).to(torch.float64)
         if self.running is None or self.running.shape != fresh.shape:
             self.running = fresh.clone()
