@@ -20,6 +20,7 @@ from lightning_cost.aggregators import (
     AVAILABLE,
     CRMOGM,
     MGDA,
+    PCD,
     PEERS,
     REGISTERED,
     RLW,
@@ -27,11 +28,15 @@ from lightning_cost.aggregators import (
     AlignedMTL,
     ConFIG,
     DualProj,
+    ExcessMTL,
     GradVac,
     GramianAggregator,
     Krum,
+    MoDo,
     PCGrad,
     Random,
+    SDMGrad,
+    TrimmedMean,
     UPGrad,
     aggregator_class,
     build_aggregator,
@@ -39,7 +44,10 @@ from lightning_cost.aggregators import (
 
 CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random,
            "alignedmtl": AlignedMTL, "krum": Krum, "gradvac": GradVac,
-           "crmogm": CRMOGM}
+           "crmogm": CRMOGM, "trimmedmean": TrimmedMean, "pcd": PCD,
+           "modo": MoDo, "sdmgrad": SDMGrad, "excessmtl": ExcessMTL}
+#: the peers that act on the Jacobian (the peer loss weightings are tested in test_aggregators_peers_more.py)
+JACOBIAN_PEERS = tuple(name for name in PEERS if aggregator_class(name).requires_jacobian)
 KS = [2, 3, 5, 12]
 KINDS = ["conflicting", "random", "aligned"]
 
@@ -438,21 +446,28 @@ SYMMETRY = {
     "krum": Symmetry(rtol=1e-9, atol=1e-12, hparams={"selected": 2}),
     "gradvac": Symmetry(permutes=False, rtol=1e-8, atol=1e-10, hparams={"seed": 5}),  # orders drawn per index
     "crmogm": Symmetry(rtol=1e-7, atol=1e-9),
+    "trimmedmean": Symmetry(rtol=1e-12, atol=1e-14),  # not a Gramian method: only the direction is checked
+    # task 0 is the primary one (no permutation property); eps = 0: exactly scale-free
+    "pcd": Symmetry(permutes=False, rtol=1e-7, atol=1e-9, hparams={"eps": 0.0}),
+    # stateful, steps in the units of G (SDMGrad: up to its 1e-8): first call, permutation only
+    "modo": Symmetry(scale=False, rtol=1e-9, atol=1e-12),
+    "sdmgrad": Symmetry(scale=False, rtol=1e-7, atol=1e-9),
+    "excessmtl": Symmetry(scale=False, rtol=1e-9, atol=1e-12),
 }
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", JACOBIAN_PEERS)
 @HYPO
 @given(j=jacobians(), c=st.sampled_from([1e-3, 0.5, 1e3]), perm_seed=st.integers(0, 100))
 def test_permutation_and_scale(name: str, j: torch.Tensor, c: float, perm_seed: int) -> None:
     sym = SYMMETRY[name]
-    if name == "krum":
-        assume(j.shape[0] >= 3)  # Krum needs K >= f + 3
+    if name in ("krum", "trimmedmean"):
+        assume(j.shape[0] >= 3)  # Krum needs K >= f + 3, TrimmedMean K > 2 trim_number
     perm = torch.randperm(j.shape[0], generator=torch.Generator().manual_seed(perm_seed)).tolist()
     assert_permutation_and_scale(lambda: build_aggregator(name, **sym.hparams), j, c, perm, sym)
 
 
-@pytest.mark.parametrize("name", PEERS)
+@pytest.mark.parametrize("name", JACOBIAN_PEERS)
 def test_registry_exports_and_validation(name: str) -> None:
     assert type(build_aggregator(name)) is CLASSES[name] is aggregator_class(name)
     assert getattr(aggregators, CLASSES[name].__name__) is CLASSES[name] and CLASSES[name].__name__ in aggregators.__all__
@@ -463,7 +478,7 @@ def test_registry_exports_and_validation(name: str) -> None:
 
 
 def test_aliases_and_init_validation() -> None:
-    assert len(AVAILABLE) == 13 and len(REGISTERED) == 21
+    assert len(AVAILABLE) == 13 and len(REGISTERED) == 29
     assert isinstance(build_aggregator("Dual-Proj"), DualProj) and isinstance(build_aggregator("ConFIG"), ConFIG)
     for make in (lambda: UPGrad(tol=0.0), lambda: DualProj(tol=1.5), lambda: ConFIG(rcond=-1.0),
                  lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True),

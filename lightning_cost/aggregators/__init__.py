@@ -1,6 +1,7 @@
-"""21 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
-:data:`AVAILABLE`) and 8 Gramian aggregators as TorchJD defines them (:data:`PEERS`:
-UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum, GradVac, CR-MOGM).
+"""29 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
+:data:`AVAILABLE`) and 16 from the peer libraries, TorchJD and LibMTL (:data:`PEERS`: the
+aggregators UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum, GradVac, CR-MOGM, TrimmedMean,
+PCD, the stateful aggregators MoDo, SDMGrad, ExcessMTL and the loss weightings GLS, IMTL-L, STCH).
 
 ``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive); the classes
 are importable from here too (``from lightning_cost.aggregators import FairGrad, MGDA``).
@@ -45,12 +46,23 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "krum": ("lightning_cost.aggregators.krum", "Krum"),
     "gradvac": ("lightning_cost.aggregators.gradvac", "GradVac"),
     "crmogm": ("lightning_cost.aggregators.cr_mogm", "CRMOGM"),
+    "trimmedmean": ("lightning_cost.aggregators.trimmed_mean", "TrimmedMean"),
+    "pcd": ("lightning_cost.aggregators.pcd", "PCD"),
+    "gls": ("lightning_cost.aggregators.gls", "GLS"),
+    "imtll": ("lightning_cost.aggregators.imtl_l", "IMTLL"),
+    "stch": ("lightning_cost.aggregators.stch", "STCH"),
+    "modo": ("lightning_cost.aggregators.modo", "MoDo"),
+    "sdmgrad": ("lightning_cost.aggregators.sdmgrad", "SDMGrad"),
+    "excessmtl": ("lightning_cost.aggregators.excess_mtl", "ExcessMTL"),
 }
 _ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw",
-            "dual-proj": "dualproj", "con-fig": "config", "aligned-mtl": "alignedmtl", "cr-mogm": "crmogm"}
+            "dual-proj": "dualproj", "con-fig": "config", "aligned-mtl": "alignedmtl", "cr-mogm": "crmogm",
+            "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean", "imtl-l": "imtll", "imtl_l": "imtll",
+            "excess-mtl": "excessmtl"}
 
 #: Methods beyond the paper's 13, from the peer libraries' lists (TorchJD, LibMTL).
-PEERS = ("upgrad", "dualproj", "config", "random", "alignedmtl", "krum", "gradvac", "crmogm")
+PEERS = ("upgrad", "dualproj", "config", "random", "alignedmtl", "krum", "gradvac", "crmogm",
+         "trimmedmean", "pcd", "gls", "imtll", "stch", "modo", "sdmgrad", "excessmtl")
 #: The 13 methods the paper compares, in its order: what the benchmarks run by default.
 AVAILABLE = tuple(name for name in _REGISTRY if name not in PEERS)
 #: Every registered name (``AVAILABLE + PEERS``).
@@ -101,19 +113,27 @@ __all__ = [
     "ConFIG",
     "DWA",
     "DualProj",
+    "ExcessMTL",
     "FAMO",
     "FairGrad",
+    "GLS",
     "GradDrop",
     "GradVac",
     "IMTLG",
+    "IMTLL",
     "Krum",
     "LinearScalarization",
     "MGDA",
+    "MoDo",
     "NashMTL",
+    "PCD",
     "PCGrad",
     "RLW",
+    "SDMGrad",
     "Random",
+    "STCH",
     "ScaleInvariant",
+    "TrimmedMean",
     "UPGrad",
     "UncertaintyWeighting",
     "AggregationError",

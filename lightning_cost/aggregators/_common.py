@@ -14,7 +14,8 @@ from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError
 
-__all__ = ["SeededDraws", "dual_cone_weights", "gramian_as_float64", "min_norm_weights", "require_nonzero_norms", "seeded_generator", "weights_like"]
+__all__ = ["SeededDraws", "dual_cone_weights", "gramian_as_float64", "int_hparam", "min_norm_weights", "real_hparam",
+           "require_nonzero_norms", "seeded_generator", "simplex_projection", "weights_like"]
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 #: below this reciprocal condition number a KKT system is solved by least squares, not LU
@@ -301,3 +302,38 @@ def _lawson_hanson_nnls(g: np.ndarray, mag: np.ndarray, u: np.ndarray, b: np.nda
             passive &= v > 0.0
             v[~passive] = 0.0
     return v, passive
+
+
+def real_hparam(name: str, value: Any, low: float, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False) -> float:
+    """``value`` as a float after checking it: a real number (``TypeError`` otherwise, ``bool`` included),
+    finite and within ``[low, high]`` (each end open where asked; ``ValueError`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    x = float(value)
+    below = x <= low if low_open else x < low
+    above = high is not None and (x >= high if high_open else x > high)
+    if not np.isfinite(x) or below or above:
+        lo, hi = "(" if low_open else "[", ")" if high_open or high is None else "]"
+        raise ValueError(f"{name} must be in {lo}{low:g}, {'inf' if high is None else f'{high:g}'}{hi}, got {value!r}")
+    return x
+
+
+def int_hparam(name: str, value: Any, low: int) -> int:
+    """``value`` after checking it is an ``int`` (``TypeError`` otherwise, ``bool`` included) of at least ``low``
+    (``ValueError`` otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+    return int(value)
+
+
+def simplex_projection(y: np.ndarray) -> np.ndarray:
+    """The Euclidean projection of ``y`` onto the probability simplex (Held, Wolfe & Crowder 1974; the
+    sort-based form of Duchi et al. 2008): ``max(y - theta, 0)`` with the one ``theta`` that makes it sum to 1."""
+    u = np.sort(y)[::-1]
+    excess = np.cumsum(u) - 1.0
+    ranks = np.arange(1, y.size + 1)
+    n = int(np.flatnonzero(u * ranks > excess)[-1]) + 1  # the support's size (u_1 * 1 > u_1 - 1 always holds)
+    return np.maximum(y - excess[n - 1] / n, 0.0)
