@@ -181,6 +181,7 @@ class GramianEngine:
             if why is not None:
                 paths[name] = f"explicit ({why})"
                 continue
+            assert rule is not None  # no rule gives a reason above
             layers.append(_Layer(name, module, rule, params))
         for name, module in root.named_modules():  # other modules with shared parameters of their own
             own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) in shared_ids]

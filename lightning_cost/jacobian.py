@@ -109,7 +109,7 @@ class JacobianEngine:
             if batched is not None:
                 return batched
         k = cotangents[0].shape[0]
-        per_task = [list(torch.autograd.grad(list(outputs), list(inputs), grad_outputs=[c[i] for c in cotangents],
+        per_task: list[list[Tensor | None]] = [list(torch.autograd.grad(list(outputs), list(inputs), grad_outputs=[c[i] for c in cotangents],
                                              retain_graph=retain or i < k - 1, allow_unused=True)) for i in range(k)]
         return self.stack_rows(per_task, inputs)
 
@@ -137,7 +137,7 @@ class JacobianEngine:
     @classmethod
     def _looped_vjps(cls, losses: Tensor, inputs: Sequence[Tensor], retain: bool) -> list[Tensor | None]:
         k = losses.shape[0]
-        per_task = [list(torch.autograd.grad(losses[i], list(inputs), retain_graph=retain or i < k - 1,
+        per_task: list[list[Tensor | None]] = [list(torch.autograd.grad(losses[i], list(inputs), retain_graph=retain or i < k - 1,
                                              allow_unused=True)) for i in range(k)]
         return cls.stack_rows(per_task, inputs)
 
@@ -158,7 +158,7 @@ class JacobianEngine:
             else:  # e.g. a head's parameters, reached by its own task only: one zero block, not K - 1
                 rows = torch.zeros((len(col), *x.shape), dtype=col[present[0]].dtype, device=x.device)  # type: ignore[union-attr]
                 for i in present:
-                    rows[i] = col[i]
+                    rows[i] = col[i]  # type: ignore[assignment]
                 stacked.append(rows)
         return stacked
 

@@ -76,9 +76,9 @@ def _to_bool_array(x: Any, name: str = "higher_is_better") -> np.ndarray:
 
 def _align(
     values: Values, baseline: Values, higher_is_better: Directions
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[Hashable] | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str] | None]:
     """Turn the three arguments into float/float/bool arrays of one common length."""
-    keys: list[Hashable] | None = None
+    keys: list[str] | None = None
     if isinstance(baseline, Mapping) or isinstance(values, Mapping) or isinstance(higher_is_better, Mapping):
         if not (
             isinstance(baseline, Mapping)
@@ -319,7 +319,7 @@ class DeltaM(Metric):
                 raise ValueError(
                     f"values keys {sorted(map(str, values))} do not match the metrics {self.metric_names}"
                 )
-            by_name = {str(k): v for k, v in values.items()}
+            by_name: dict[str, Any] = {str(k): v for k, v in values.items()}  # floats or 0-d tensors
             values = [
                 float(by_name[k].item() if isinstance(by_name[k], Tensor) else by_name[k])
                 for k in self.metric_names

@@ -55,7 +55,7 @@ import functools
 import inspect
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import nullcontext
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -113,7 +113,7 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             return self._mtl_training_step(user_step, *args, **kwargs)
 
         training_step._mtl_wrapped = True  # type: ignore[attr-defined]
-        cls.training_step = training_step  # type: ignore[method-assign]
+        cls.training_step = training_step  # type: ignore[attr-defined]
 
     def configure_multitask(
         self,
@@ -300,9 +300,9 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         self._mtl_inside_step = True
         self._mtl_start_capture()
         self._mtl_gram_captured = use_gram = self.needs_jacobian and self.mtl_uses_gramian_engine
-        boundary = self.get_submodule(self._mtl_shared_module_name) \
-            if self._mtl_shared_module_name is not None else None  # type: ignore[attr-defined]
-        capture = self.mtl_gramian_engine.capture(self, self.shared_parameters(), len(self.task_names), boundary) \
+        module, boundary_name = cast(nn.Module, self), self._mtl_shared_module_name
+        boundary = module.get_submodule(boundary_name) if boundary_name is not None else None
+        capture = self.mtl_gramian_engine.capture(module, self.shared_parameters(), len(self.task_names), boundary) \
             if use_gram else nullcontext()
         try:
             with capture:

@@ -73,7 +73,7 @@ def reached_leaves(losses: Sequence[Tensor], cut: Sequence[Tensor], leaves: Sequ
 def head_products(losses: Sequence[Tensor], inputs: Sequence[Tensor], scale: float = 1.0) -> list[list[Tensor | None]]:
     """Stage 1: ``dL_i/dx`` for each task loss and each of ``inputs`` (``None`` where ``L_i`` does not
     reach ``x``), one product per task; the graph is kept for stage 2."""
-    out = []
+    out: list[list[Tensor | None]] = []
     for loss in losses:
         scaled = loss * scale if scale != 1.0 else loss
         out.append(list(torch.autograd.grad(scaled, list(inputs), retain_graph=True, allow_unused=True)))

@@ -21,15 +21,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.aggregators import AggregationError, GramianAggregator, LossWeighting
+from lightning_cost.aggregators import AggregationError, Aggregator, GramianAggregator, LossWeighting
 from lightning_cost.aggregators import gramian as compute_gramian
 from lightning_cost.distributed import all_reduce_mean, is_distributed, warn_rank_zero
-from lightning_cost.gramian_engine import GramianStep
+from lightning_cost.gramian_engine import GramianEngine, GramianStep
 from lightning_cost.jacobian import JacobianEngine
 from lightning_cost.protocol import StepRecord
 from lightning_cost.representation import stack_representation_gradients
@@ -57,6 +57,23 @@ class TrainingStalledError(RuntimeError):
 
 class MultiTaskStep:
     """The step logic of :class:`~lightning_cost.MultiTaskMixin` (state set by ``configure_multitask``)."""
+
+    if TYPE_CHECKING:  # the state ``configure_multitask`` sets and what the mixin defines (no runtime effect)
+        task_names: list[str]
+        mtl_method: Aggregator | LossWeighting
+        mtl_step: StepRecord | None
+        mtl_skipped_steps: int
+        mtl_jacobian_engine: JacobianEngine
+        mtl_gramian_engine: GramianEngine
+        _mtl_engine: str
+        _mtl_gram_captured: bool
+        _mtl_max_skipped: int | None
+        _mtl_skip_run: int
+        _mtl_drop_grads: bool
+
+        def shared_parameters(self) -> list[nn.Parameter]: ...
+
+        def _mtl_rep_jacobian(self, losses: Tensor, reps: Sequence[Tensor], scale: float) -> Tensor: ...
 
     @property
     def mtl_skip_limit(self) -> int:
@@ -280,7 +297,7 @@ class MultiTaskStep:
         elif keep.numel() > 1:
             sub = gram if keep.numel() == k else gram.index_select(0, keep).index_select(1, keep)
             try:
-                w[keep] = method.weights(sub).float()  # type: ignore[union-attr]
+                w[keep] = cast(GramianAggregator, method).weights(sub).float()
             except AggregationError as err:
                 self._mtl_skip(record, f"{type(method).__name__} failed: {err}")
                 return None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -67,7 +68,7 @@ def aggregate_nonzero_rows(method: Aggregator, jacobian: Tensor, row_stat: Tenso
     nonzero = [not z or (gramian is not None and bool(jacobian[i].abs().amax() > 0)) for i, z in enumerate(zero)]
     n = sum(nonzero)
     if n == jacobian.shape[0]:
-        return method.aggregate(jacobian) if gramian is None else method.aggregate(jacobian, gramian)
+        return method.aggregate(jacobian) if gramian is None else cast(GramianAggregator, method).aggregate(jacobian, gramian)
     if n == 0:
         return torch.zeros_like(jacobian[0])
     names = list(task_names) if task_names is not None else list(range(len(nonzero)))
@@ -79,7 +80,7 @@ def aggregate_nonzero_rows(method: Aggregator, jacobian: Tensor, row_stat: Tenso
     sub = jacobian.index_select(0, keep)
     if gramian is None:
         return method.aggregate(sub)
-    return method.aggregate(sub, gramian.index_select(0, keep).index_select(1, keep))
+    return cast(GramianAggregator, method).aggregate(sub, gramian.index_select(0, keep).index_select(1, keep))
 
 
 def combine(grads: Tensor | None, coeffs: Tensor, scale: float) -> Tensor | None:

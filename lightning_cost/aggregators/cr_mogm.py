@@ -39,7 +39,7 @@ class CRMOGM(GramianAggregator):
         if isinstance(base, str):
             from lightning_cost.aggregators import build_aggregator  # the registry imports this module
 
-            base = build_aggregator(base)
+            base = build_aggregator(base)  # type: ignore[assignment]  # its type is checked just below
         if not isinstance(base, GramianAggregator) or isinstance(base, CRMOGM):
             raise ValueError(f"base must be a Gramian method other than CR-MOGM, got {type(base).__name__}")
         if not 0.0 <= alpha < 1.0:

@@ -62,9 +62,10 @@ class ExcessMTL(Aggregator):
             st["warmup_sum"].add_(excess)
             return (st["weights"] @ j).to(jacobian.dtype)
         if st["baseline"] is None:
-            st["baseline"] = st["warmup_sum"] / self.n_warmup_steps if self.n_warmup_steps else excess
+            baseline = st["warmup_sum"] / self.n_warmup_steps if self.n_warmup_steps else excess
+            st["baseline"] = baseline
             if self.n_warmup_steps:
-                excess = excess / (st["baseline"] + _EPS)
+                excess = excess / (baseline + _EPS)
         else:
             excess = excess / (st["baseline"] + _EPS)
         # in log space: a huge E (a task whose E_0 was 0) saturates the weights instead of overflowing

@@ -83,7 +83,7 @@ class TeleportAdapter:
         self._names = {id(p): n for n, p in self.module.named_parameters()}
         self.deltas = [torch.zeros_like(p, requires_grad=True) for p in self.dense_params]
         for target in self.lora_targets:
-            layer = self.module.get_submodule(target)
+            layer: Any = self.module.get_submodule(target)  # a PEFT LoRA layer
             layer.enable_adapters(False)  # the LoRA branch is off: dtheta enters through the weight
             self._lora_layers.append((self._names[id(layer.get_base_layer().weight)], layer))
         self._initialise(generator)
@@ -95,8 +95,9 @@ class TeleportAdapter:
         from peft import LoraConfig
         from peft.tuners.lora import LoraModel
 
-        config = LoraConfig(r=self.rank, lora_alpha=self.alpha, target_modules=list(self.lora_targets),
-                            lora_dropout=0.0, bias="none")
+        # PEFT annotates lora_alpha as int, but only uses lora_alpha / r: a float alpha is exact.
+        config = LoraConfig(r=self.rank, lora_alpha=self.alpha,  # type: ignore[arg-type]
+                            target_modules=list(self.lora_targets), lora_dropout=0.0, bias="none")
         self._lora_model = LoraModel(self.module, config, self.adapter_name)
 
     @torch.no_grad()

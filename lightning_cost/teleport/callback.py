@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -71,7 +71,7 @@ class SymmetryTeleportCallback(L.Callback):
                  seed: int = 0, name: str | None = None) -> None:
         super().__init__()
         self.teleporter = _teleporter(teleporter)
-        self.trigger = ConflictTrigger(trigger) if isinstance(trigger, str) else (
+        self.trigger = ConflictTrigger(cast(Any, trigger)) if isinstance(trigger, str) else (  # checked there
             ConflictTrigger(**trigger) if isinstance(trigger, Mapping) else trigger)
         self.schedule = schedule if isinstance(schedule, TeleportSchedule) else TeleportSchedule(**(schedule or {}))
         self.transfer = transfer if isinstance(transfer, StateTransfer) else StateTransfer(
@@ -122,9 +122,9 @@ class SymmetryTeleportCallback(L.Callback):
             return
         _check_setup(trainer, pl_module, self.trigger)
         if self.trigger.on == "representation":
-            pl_module.request_representation_jacobian(True)
+            cast(Any, pl_module).request_representation_jacobian(True)  # checked by _check_setup
         else:
-            pl_module.request_jacobian(True)
+            cast(MultiTaskModule, pl_module).request_jacobian(True)
         self.teleporter.setup(pl_module, _teleported(pl_module))
         pure = getattr(pl_module, "has_pure_losses", callable(getattr(pl_module, "compute_task_losses", None)))
         if not pure:
@@ -156,9 +156,9 @@ class SymmetryTeleportCallback(L.Callback):
         if self.schedule.check_every > 1:
             wanted = self._checks(trainer.global_step)
             if self.trigger.on == "representation":
-                pl_module.request_representation_jacobian(wanted)
+                cast(Any, pl_module).request_representation_jacobian(wanted)
             else:
-                pl_module.request_jacobian(wanted)
+                cast(MultiTaskModule, pl_module).request_jacobian(wanted)
 
     def _checks(self, step: int) -> bool:
         return self.schedule.checks(step) or self._forced or self._requested
@@ -210,7 +210,7 @@ class SymmetryTeleportCallback(L.Callback):
             try:
                 reuse = len(batches) == 1 and not had_dropout and record.jacobian is not None
                 with keep_buffers(pl_module):
-                    target, jacobian = (record.losses.float(), record.jacobian) if reuse else \
+                    target, jacobian = (record.losses.float(), cast(Tensor, record.jacobian)) if reuse else \
                         evaluator.jacobian(batches, params)
                 rec.before = GradientStats.of(jacobian, self.trigger)
                 problem = TeleportProblem(pl_module, params, evaluator, batches, target, jacobian, self.generator,
@@ -247,7 +247,7 @@ class SymmetryTeleportCallback(L.Callback):
         batches = [self._batch]
         if self.teleport_batches:
             with torch.random.fork_rng(devices=[]):
-                it = iter(trainer.train_dataloader)
+                it = iter(cast(Any, trainer.train_dataloader))  # set while fitting
                 for _ in range(self.teleport_batches):
                     try:
                         batches.append(trainer.strategy.batch_to_device(next(it)))
@@ -261,7 +261,7 @@ class SymmetryTeleportCallback(L.Callback):
                "schedule": dataclasses.asdict(self.schedule), "transfer": self.transfer.policy,
                "teleport_batches": self.teleport_batches, "seed": self.seed}
         config = getattr(self.teleporter, "config", None)
-        if dataclasses.is_dataclass(config):
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
             out["teleporter_config"] = dataclasses.asdict(config)
         return out
 
@@ -297,7 +297,7 @@ def _check_setup(trainer: L.Trainer, pl_module: Any, trigger: ConflictTrigger) -
         raise RuntimeError(f"SymmetryTeleportCallback supports single-device and DDP training; "
                            f"{type(trainer.strategy).__name__} shards or wraps parameters (FSDP, DeepSpeed, ...) and "
                            "is not supported")
-    if not pl_module.automatic_optimization:
+    if not cast(Any, pl_module).automatic_optimization:  # a LightningModule's
         raise RuntimeError("SymmetryTeleportCallback needs automatic optimization")
     if trigger.on == "representation" and not callable(getattr(pl_module, "request_representation_jacobian", None)):
         raise TypeError("a trigger on='representation' needs a module with request_representation_jacobian() "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -203,4 +203,4 @@ class Snapshot:
         return any(not torch.equal(p.detach(), w) for p, w in zip(self.params, self.weights, strict=True))
 
     def weight_norm(self) -> float:
-        return float(torch.sqrt(sum((w.double() ** 2).sum() for w in self.weights)))
+        return float(torch.sqrt(cast(Tensor, sum((w.double() ** 2).sum() for w in self.weights))))

@@ -66,5 +66,6 @@ class ScaledHessianTrace:
         total = self.fixed
         for cell, lf in zip(self.cells, self.symmetry.log_factors(log_scales), strict=True):
             if cell is not None:
+                assert lf is not None  # a parameter with a cell is one the rescaling touches
                 total = total + (cell * torch.exp(-2.0 * lf.double().reshape(cell.shape))).sum()
         return total

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
@@ -152,7 +153,7 @@ class LoRATeleporter(Teleporter):
         self.config = config or LoRAConfig()
         super().__init__(self.config.loss_tolerance, self.config.abs_tolerance)
 
-    def setup(self, module: torch.nn.Module, params: list[torch.nn.Parameter]) -> None:
+    def setup(self, module: torch.nn.Module, params: Sequence[torch.nn.Parameter]) -> None:
         if self.config.use_lora:
             import peft.tuners.lora  # noqa: F401  (a one-time import of ~2 s, paid here, not in the first teleport)
 
@@ -275,7 +276,8 @@ class _Search:
         adapter at the best try; :class:`TeleportRejected` if no try reaches it."""
         cfg = self.teleporter.config
         start = self.grad_norm()[0]  # at dtheta = 0, before any try
-        low = high = None  # the largest gamma that stayed on the level set, the smallest that left it
+        low: float | None = None  # the largest gamma that stayed on the level set, the smallest that left it
+        high: float | None = None
         best: tuple[float, float, list[Tensor]] | None = None  # (gain, gamma, adapter values)
         for attempt in range(cfg.max_tries):
             if attempt:
@@ -287,8 +289,11 @@ class _Search:
             if on_level and gain >= cfg.min_gain:  # type: ignore[operator]
                 break
             low, high = (gamma, high) if on_level else (low, gamma)
-            gamma = (low * cfg.gamma_growth if high is None else high / cfg.gamma_growth if low is None
-                     else math.sqrt(low * high))
+            if high is None:  # every try so far stayed on the level set, so low is the last gamma
+                assert low is not None
+                gamma = low * cfg.gamma_growth
+            else:
+                gamma = high / cfg.gamma_growth if low is None else math.sqrt(low * high)
         if best is None:
             raise TeleportRejected(f"no inner try stayed within the loss tolerance ({cfg.max_tries} tries, "
                                    f"the smallest gamma {high:.3g})")
@@ -319,7 +324,7 @@ def _step(inner: torch.optim.Optimizer, objective: Tensor, params: list[Tensor])
     grads = torch.autograd.grad(objective, params, allow_unused=True)
     for p, g in zip(params, grads, strict=True):
         p.grad = all_reduce_mean_(g.detach().clone() if g is not None else torch.zeros_like(p))
-    if not all(torch.isfinite(p.grad).all() for p in params):
+    if not all(torch.isfinite(cast(Tensor, p.grad)).all() for p in params):
         raise TeleportRejected("non-finite gradient in the inner loop")
     inner.step()
     inner.zero_grad(set_to_none=True)

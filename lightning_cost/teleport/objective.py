@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ def relative_drift_penalty(losses: Tensor, target: Tensor, scale: float) -> Tens
 def ascent_direction(grads: Sequence[Tensor], radius: float) -> list[Tensor]:
     """``radius * g / ||g||`` (joint norm over the tensors): the first-order maximiser of eq. 8 on the
     sphere, where ``L(theta + eps) - L(theta) = radius ||g||``. Zero gradients give zeros."""
-    norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+    norm = torch.sqrt(cast(Tensor, sum((g.double() ** 2).sum() for g in grads)))
     if norm == 0:
         return [torch.zeros_like(g) for g in grads]
     return [(g * (radius / norm)).to(g.dtype) for g in grads]
@@ -75,5 +75,5 @@ def sample_sphere(
     (A standard normal vector normalised to ``radius``; eq. 8's ``||eps|| = delta``.)
     """
     parts = [torch.randn(s, generator=generator, dtype=torch.float64) for s in shapes]
-    norm = torch.sqrt(sum((p * p).sum() for p in parts))
+    norm = torch.sqrt(cast(Tensor, sum((p * p).sum() for p in parts)))
     return [(p * (radius / norm)).float().to(device) for p in parts]

@@ -8,8 +8,10 @@ chosen state transfer at the teleport's steps: set ``relative_size`` to a real t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
+from torch import Tensor
 
 from lightning_cost.teleport._checks import check_float
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem
@@ -50,8 +52,8 @@ class RandomMove(Teleporter):
     @torch.no_grad()
     def move(self, problem: TeleportProblem) -> Move:
         noise = [torch.randn(p.shape, generator=problem.generator, dtype=torch.float64) for p in problem.params]
-        theta = torch.sqrt(sum((p.double() ** 2).sum() for p in problem.params))
-        scale = self.config.relative_size * theta / torch.sqrt(sum((n**2).sum() for n in noise))
+        theta = torch.sqrt(cast(Tensor, sum((p.double() ** 2).sum() for p in problem.params)))
+        scale = self.config.relative_size * theta / torch.sqrt(cast(Tensor, sum((n**2).sum() for n in noise)))
         for p, n in zip(problem.params, noise, strict=True):
             p.add_((n * scale).to(device=p.device, dtype=p.dtype))
         return Move()

@@ -119,6 +119,7 @@ class ScaledGramian:
         packed = self.fixed.clone()
         for cell, lf in zip(self.cells, self.symmetry.log_factors(log_scales), strict=True):
             if cell is not None:
+                assert lf is not None  # a parameter with a cell is one the rescaling touches
                 aligned = lf.reshape((1,) * (cell.ndim - 1 - lf.ndim) + tuple(lf.shape))
                 packed = packed + (cell * torch.exp(-2.0 * aligned).unsqueeze(0)).reshape(cell.shape[0], -1).sum(
                     dim=1).double()

@@ -104,7 +104,7 @@ class RescaleSymmetry:
         only ``module``'s own uses are visible to the analysis.
         Raises :class:`NoSymmetryError` if tracing fails or no scale is left free.
         """
-        params = _checked_params(params)
+        checked = _checked_params(params)
         example_args = example_args if isinstance(example_args, tuple) else (example_args,)
         try:
             graph, data_dependent = trace_with_values(module, example_args)
@@ -117,11 +117,11 @@ class RescaleSymmetry:
                 f"{type(module).__name__}.forward branches on tensor values ({', '.join(data_dependent[:3])}); "
                 "the rescalings found hold on the path the example inputs take", stacklevel=2,
             )
-        found = LabelPropagator(module, params, bool(normalized)).run(graph)
+        found = LabelPropagator(module, checked, bool(normalized)).run(graph)
         groups, index = _assign_scales(found)
         if not groups:
             raise NoSymmetryError(_why_none(module, found, normalized))
-        return cls(params, groups, *_targets(found, index, params))
+        return cls(checked, groups, *_targets(found, index, checked))
 
     # ------------------------------------------------------------------ the action
     def factors(self, log_scales: Tensor) -> list[Tensor]:
@@ -190,10 +190,11 @@ class RescaleSymmetry:
 
 
 def _log_factor(s: Tensor, terms: tuple[tuple[int, Tensor], ...]) -> Tensor:
-    total = None
+    total: Tensor | None = None
     for power, index in terms:
         term = s[index] if power == 1 else s[index] * power
         total = term if total is None else total + term
+    assert total is not None  # every target has at least one term (_targets)
     return total
 
 
@@ -226,7 +227,8 @@ def _assign_scales(found: Propagation) -> tuple[list[ScaleGroup], np.ndarray]:
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for r in sorted(producers_of):
         buckets[(tuple(producers_of[r]), r in absorbed)].append(r)
-    groups, root_index = [], np.zeros(len(roots), dtype=np.int64)
+    groups: list[ScaleGroup] = []
+    root_index = np.zeros(len(roots), dtype=np.int64)
     for key in sorted(buckets):
         members = buckets[key]
         root_index[members] = np.arange(len(members)) + 1 + sum(g.size for g in groups)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from torch import Tensor, fx, nn
@@ -38,13 +38,13 @@ from lightning_cost.teleport.symmetry_trace import MISSING, VALUE_KEY
 
 __all__ = ["Binding", "LabelPropagator", "Propagation"]
 
-_CONVS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+_CONVS: dict[type[nn.Module], int] = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_INSTANCE_NORMS = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
+_INSTANCE_NORMS: dict[type[nn.Module], int] = {nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3}
 _SLICE_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _POINTWISE_MODULES = (nn.ReLU, nn.LeakyReLU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _MOVE_MODULES = (nn.Flatten, nn.Unflatten, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle)
-_POOL_MODULES = {
+_POOL_MODULES: dict[type[nn.Module], int] = {
     **{m: 1 for m in (nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d, nn.MaxUnpool1d)},
     **{m: 2 for m in (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxUnpool2d)},
     **{m: 3 for m in (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d, nn.MaxUnpool3d)},
@@ -102,7 +102,8 @@ class LabelPropagator:
             try:
                 self._labels[node] = self._transfer(node)
             except Exception as e:  # a rule that cannot handle this use: treat the op as unknown
-                self._labels[node] = self.unknown(node, f"'{node.name}' could not be analysed ({e})")
+                self.unknown(node, f"'{node.name}' could not be analysed ({e})")
+                self._labels[node] = None
         for (tid, _), binding in [*self._params.items(), *self._buffers.items()]:
             if tid in self._raw:
                 self.fix(binding.labels, "a rescaled parameter is also used outside its layer")
@@ -208,7 +209,7 @@ class LabelPropagator:
         """Linear/Conv: consumer of its input channels, producer of its output channels."""
         spatial = _CONVS.get(type(module), 0)
         name = str(node.target)
-        self._consume(name, module.weight, self.label(node.args[0]), x.ndim, x.ndim - spatial - 1)
+        self._consume(name, cast(Tensor, module.weight), self.label(node.args[0]), x.ndim, x.ndim - spatial - 1)
         return self._produce(name, module, value.ndim, value.ndim - spatial - 1, leading=1)
 
     def _channel_norm(self, node: fx.Node, module: nn.Module, x: Tensor, value: Tensor, axis: int):
@@ -225,8 +226,8 @@ class LabelPropagator:
                 self._consumers.append((name, channels))
             per_channel = np.broadcast_to(0 if channels is None else channels, (x.shape[axis],))
             if getattr(module, "running_mean", None) is not None:
-                self._bind(self._buffers, module.running_mean, "mean", 1, per_channel)
-                self._bind(self._buffers, module.running_var, "var", 2, per_channel)
+                self._bind(self._buffers, cast(Tensor, module.running_mean), "mean", 1, per_channel)
+                self._bind(self._buffers, cast(Tensor, module.running_var), "var", 2, per_channel)
         return self._produce(name, module, value.ndim, axis, leading=1)
 
     def _slice_norm(self, node: fx.Node, module: nn.Module, x: Tensor, value: Tensor) -> np.ndarray | None:
@@ -240,7 +241,7 @@ class LabelPropagator:
                 rows = np.broadcast_to(full, full.shape[:1] + x.shape[1:2] + full.shape[2:])
                 rows = rows.reshape(full.shape[0] * module.num_groups, -1)
             else:
-                m = len(module.normalized_shape)
+                m = len(cast(tuple[int, ...], module.normalized_shape))
                 rows = np.broadcast_to(full, full.shape[:-m] + tuple(x.shape[-m:])).reshape(-1, math.prod(x.shape[-m:]))
             self.uf.unite_rows(rows)
             self._absorbed.append(np.unique(rows))

@@ -22,8 +22,8 @@ from __future__ import annotations
 import builtins
 import numbers
 import operator
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -90,7 +90,7 @@ def move(multi: bool = False) -> Rule:
     """Pure data movement; ``multi``: the first argument is a sequence of tensors (cat, stack)."""
 
     def rule(prop, node: fx.Node, value: Any) -> Any:
-        sources = list(node.args[0]) if multi else [node.args[0]]
+        sources = list(cast(Sequence[Any], node.args[0])) if multi else [node.args[0]]
         stand_ins, labels = _index_tensors(prop, sources)
         first = stand_ins if multi else stand_ins[0]
         rest = fx.node.map_arg(tuple(node.args[1:]), prop.value)
@@ -100,10 +100,12 @@ def move(multi: bool = False) -> Rule:
         elif node.op == "call_module":
             moved = prop.module(node)(first, *rest, **kwargs)
         else:
-            moved = node.target(first, *rest, **kwargs)
-        return fx.node.map_aggregate(
-            moved, lambda m: compress(labels[m.cpu().numpy()]) if isinstance(m, Tensor) else None
-        )
+            moved = cast(Callable[..., Any], node.target)(first, *rest, **kwargs)
+
+        def labels_of(m: Any) -> Any:
+            return compress(labels[m.cpu().numpy()]) if isinstance(m, Tensor) else None
+
+        return fx.node.map_aggregate(moved, labels_of)
 
     return rule
 
@@ -155,7 +157,7 @@ def reduce(prop, node: fx.Node, value: Any) -> np.ndarray | None:
         return prop.unknown(node)
     full = padded(labels, x.ndim)
     every = dim is None or isinstance(dim, (tuple, list)) and len(dim) == 0
-    dims = tuple(range(x.ndim)) if every else tuple(int(d) % x.ndim for d in np.atleast_1d(dim))
+    dims = tuple(range(x.ndim)) if every else tuple(int(d) % x.ndim for d in np.atleast_1d(cast(Any, dim)))
     if any(full.shape[d] != 1 for d in dims):
         prop.fix(labels, f"'{node.name}' reduces over axes along which the scales vary")
         return None

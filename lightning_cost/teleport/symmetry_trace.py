@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import fx, nn
@@ -44,6 +44,9 @@ class TraceFailure(RuntimeError):
 
 class _ValueProxy(fx.Proxy):
     """A proxy whose ``len()``, ``int()``, ``float()`` and ``index()`` are those of its example value."""
+
+    if TYPE_CHECKING:
+        tracer: ValueTracer  # the only tracer that creates these proxies
 
     def __len__(self) -> int:
         return len(self.tracer.value_of(self))
@@ -123,7 +126,7 @@ class ValueTracer(fx.Tracer):
             return self.root.get_submodule(str(node.target))(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        return node.target(*args, **kwargs)
+        return cast(Callable[..., Any], node.target)(*args, **kwargs)
 
     # ---------------------------------------------------------------- real execution inside the trace
     def call_module(self, m, forward, args, kwargs):
@@ -141,7 +144,7 @@ class ValueTracer(fx.Tracer):
         return bool(self.value_of(obj))
 
     def iter(self, obj: fx.Proxy) -> Iterator:
-        return iter([obj[i] for i in range(len(self.value_of(obj)))])
+        return iter([cast(Any, obj)[i] for i in range(len(self.value_of(obj)))])
 
     def keys(self, obj: fx.Proxy) -> Any:
         return self.value_of(obj).keys()
