@@ -5,10 +5,12 @@ __version__ = "0.1.0"
 from lightning_cost.gramian_engine import GramianConfig, GramianEngine
 from lightning_cost.jacobian import JacobianEngine
 from lightning_cost.mixin import MultiTaskMixin, TrainingStalledError
+from lightning_cost.monitor import ConflictMonitor
 from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
 
 __all__ = [
+    "ConflictMonitor",
     "GramianConfig",
     "GramianEngine",
     "JacobianEngine",
