@@ -1,7 +1,7 @@
 """PCD: priority-constrained descent, the primary task's gradient moved just enough to help the others.
 
-D. Varam et al., "Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical
-Multi-Objective Optimization", TMLR 2026: min_d 1/2 ||d - g~_1||^2 s.t. g~_j . d >= tau ||g~_j||^2.
+D. Varam, M. I. AlHajri, "Not All Objectives Are Born Equal: Priority-Constrained Descent for Hierarchical
+Multi-Objective Optimization", arXiv:2606.29521, 2026: min_d 1/2 ||d - g~_1||^2 s.t. g~_j . d >= tau ||g~_j||^2.
 """
 
 from __future__ import annotations
