@@ -188,14 +188,20 @@ def test_verdict_configs_choose_full_sets_and_the_grid() -> None:
     for name in names:
         settings, _ = config_from_argv(["--config", str(CONFIGS / "verdict" / f"{name}.yaml")])
         cfg = RunnerConfig(**settings)
-        assert cfg.dataset == name and cfg.cost == ["none", *(v + s for v in variants for s in ("", "_control"))]
-        for v in variants:  # each variant's matched control: the same preset, a teleporter that does not move
+        scheduled = ["rescale_scheduled", "flatness_scheduled"] if name == "qm8" else []  # where the trigger is silent
+        assert cfg.dataset == name and cfg.cost == ["none", *(v + s for v in variants + scheduled for s in ("", "_control"))]
+        for v in variants + scheduled:  # each variant's matched control: the same preset, a teleporter that does not move
             control = cfg.spec(f"{v}_control")
             assert cfg.control_of(f"{v}_control") == v and control["teleporter"] == {"name": "null"}
             assert {k: x for k, x in control.items() if k not in ("teleporter", "control_of")} == \
                 {k: x for k, x in cfg.spec(v).items() if k != "teleporter"}
-        for v in ("rescale", "flatness"):  # the exact rescaling in the box [2/3, 3/2]
+        for v in ("rescale", "flatness", *scheduled):  # the exact rescaling in the box [2/3, 3/2]
             assert cfg.spec(v)["teleporter"]["max_scale"] == 1.5 and cfg.spec(v)["transfer"] == "transport"
+        for v in scheduled:  # one forced attempt per epoch from the same warm-up, whatever the trigger says
+            schedule = cfg.spec(v)["schedule"]
+            assert schedule["on_trigger"] is False and schedule["every"] > 0 and schedule["max_per_epoch"] == 1
+            assert {k: x for k, x in schedule.items() if k not in ("every", "on_trigger")} == \
+                cfg.spec(v.removesuffix("_scheduled"))["schedule"]
         cheap = name in ("yeast", "birds", "tox21")  # a run takes under a minute: 10 seeds and context methods
         assert cfg.cost_seeds == list(range(10 if cheap else 5)) and cfg.seeds == [0, 1, 2]
         assert cfg.methods == (["ls", "mgda", "pcgrad", "cagrad", "nashmtl", "famo", "fairgrad"] if cheap

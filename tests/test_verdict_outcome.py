@@ -115,7 +115,7 @@ def test_margin_in_the_config_is_validated() -> None:
                 {"delta": 1.0, "why": "w", "extra": 1}):
         with pytest.raises(ValueError):
             RunnerConfig(verdict_margin=bad)
-    for name, margin in (("yeast", True), ("birds", True), ("qm8", False), ("multimnist", False)):
+    for name, margin in (("yeast", True), ("birds", True), ("qm8", True), ("multimnist", False)):
         cfg = RunnerConfig(**config_from_argv(["--config", str(CONFIGS / f"{name}.yaml")])[0])
         assert (cfg.verdict_margin is not None) == margin
 
