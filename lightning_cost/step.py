@@ -229,6 +229,7 @@ class MultiTaskStep:
             method.observe(record.losses)
             record.extras["weights"] = coeffs
             return direction, coeffs
+        method.observe_losses(record.losses)  # the global losses, before the aggregation (GradNorm, DB-MTL, MoCo)
         try:
             direction = self._mtl_aggregate(jacobian, row_stat, record.gramian)
         except AggregationError as err:
@@ -283,21 +284,26 @@ class MultiTaskStep:
 
     def _mtl_gram_weights(self, record: StepRecord, row_stat: Tensor, overflowed: bool) -> Tensor | None:
         """The task weights ``w`` of ``d = J^T w`` from the Gramian, or ``None`` for a skipped step;
-        tasks with a zero shared gradient are left out (weight 0), as in the Jacobian step."""
+        tasks with a zero shared gradient are left out (weight 0), as in the Jacobian step, except for a
+        method that ``uses_losses``, which gets every row after :meth:`~Aggregator.observe_losses`."""
         method, gram = self.mtl_method, record.gramian
         assert gram is not None
         k = gram.shape[0]
         unusable = self._mtl_unusable(record, overflowed)
         if unusable is not None:  # skipped, or the non-finite sum handed to the GradScaler
             return None if unusable else torch.ones(k, device=gram.device)
+        gram_method = cast(GramianAggregator, method)
+        gram_method.observe_losses(record.losses)  # before the weights, as on the Jacobian path
         keep = (row_stat > 0).nonzero().flatten()
+        if gram_method.uses_losses and keep.numel() > 0:  # its per-task state needs every row (see aggregate_nonzero_rows)
+            keep = torch.arange(k, device=gram.device)
         w = torch.zeros(k, device=gram.device)
         if keep.numel() == 1:
             w[keep] = 1.0
         elif keep.numel() > 1:
             sub = gram if keep.numel() == k else gram.index_select(0, keep).index_select(1, keep)
             try:
-                w[keep] = cast(GramianAggregator, method).weights(sub).float()
+                w[keep] = gram_method.weights(sub).float()
             except AggregationError as err:
                 self._mtl_skip(record, f"{type(method).__name__} failed: {err}")
                 return None

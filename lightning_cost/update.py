@@ -62,12 +62,14 @@ def aggregate_nonzero_rows(method: Aggregator, jacobian: Tensor, row_stat: Tenso
     ``row_stat`` is per row either ``||g_i||^2`` (the diagonal of ``gramian``, passed on to a
     Gramian aggregator) or ``max_k |g_ik|``: zero exactly for a zero row, except that squares
     can underflow, so a zero ``||g_i||^2`` is confirmed by reading that row only. No row left:
-    a zero direction; one row left: that task's gradient, whatever the method.
+    a zero direction; one row left: that task's gradient, whatever the method. A method that
+    ``uses_losses`` (per-task state aligned with the observed losses) gets every row, zero ones
+    included, while any row is non-zero.
     """
     zero = (row_stat == 0).tolist()
     nonzero = [not z or (gramian is not None and bool(jacobian[i].abs().amax() > 0)) for i, z in enumerate(zero)]
     n = sum(nonzero)
-    if n == jacobian.shape[0]:
+    if n == jacobian.shape[0] or (n > 0 and method.uses_losses):
         return method.aggregate(jacobian) if gramian is None else cast(GramianAggregator, method).aggregate(jacobian, gramian)
     if n == 0:
         return torch.zeros_like(jacobian[0])

@@ -65,6 +65,7 @@ def assert_permutation_and_scale(
     A fresh method per call, so that seeded methods draw the same random numbers each time.
     """
     perm = list(perm)
+    make = with_losses(make, j.shape[0])
     direction_power = 1.0 + sym.weight_power
     d = make().aggregate(j)
     if sym.scale:
@@ -79,6 +80,19 @@ def assert_permutation_and_scale(
         torch.testing.assert_close(make().weights(gram(c * j)), w * c**sym.weight_power, rtol=sym.rtol, atol=sym.atol)
     if sym.permutes:
         torch.testing.assert_close(make().weights(gram(j[perm])), w[perm], rtol=sym.rtol, atol=sym.atol)
+
+
+def ready(method: Aggregator, k: int) -> Aggregator:
+    """``method``, after ``observe_losses(ones(K))`` where it reads the task losses (``uses_losses``:
+    GradNorm, DB-MTL, MoCo), so that the shared tests can call ``aggregate(J)`` on every method."""
+    if getattr(method, "uses_losses", False):
+        method.observe_losses(torch.ones(k, dtype=torch.float64))
+    return method
+
+
+def with_losses(make: Callable[[], Aggregator], k: int) -> Callable[[], Aggregator]:
+    """``make``, each method it builds :func:`ready` for ``K`` tasks."""
+    return lambda: ready(make(), k)
 
 
 def one_task_scaled(seed: int, k: int, scale: float, p: int = 8) -> torch.Tensor:

@@ -19,6 +19,7 @@ import lightning_cost.aggregators._common as common
 from lightning_cost.aggregators import (
     AVAILABLE,
     CRMOGM,
+    DBMTL,
     MGDA,
     PCD,
     PEERS,
@@ -29,9 +30,11 @@ from lightning_cost.aggregators import (
     ConFIG,
     DualProj,
     ExcessMTL,
+    GradNorm,
     GradVac,
     GramianAggregator,
     Krum,
+    MoCo,
     MoDo,
     PCGrad,
     Random,
@@ -45,7 +48,8 @@ from lightning_cost.aggregators import (
 CLASSES = {"upgrad": UPGrad, "dualproj": DualProj, "config": ConFIG, "random": Random,
            "alignedmtl": AlignedMTL, "krum": Krum, "gradvac": GradVac,
            "crmogm": CRMOGM, "trimmedmean": TrimmedMean, "pcd": PCD,
-           "modo": MoDo, "sdmgrad": SDMGrad, "excessmtl": ExcessMTL}
+           "modo": MoDo, "sdmgrad": SDMGrad, "excessmtl": ExcessMTL,
+           "gradnorm": GradNorm, "dbmtl": DBMTL, "moco": MoCo}
 #: the peers that act on the Jacobian (the peer loss weightings are tested in test_aggregators_peers_more.py)
 JACOBIAN_PEERS = tuple(name for name in PEERS if aggregator_class(name).requires_jacobian)
 KS = [2, 3, 5, 12]
@@ -453,6 +457,11 @@ SYMMETRY = {
     "modo": Symmetry(scale=False, rtol=1e-9, atol=1e-12),
     "sdmgrad": Symmetry(scale=False, rtol=1e-7, atol=1e-9),
     "excessmtl": Symmetry(scale=False, rtol=1e-9, atol=1e-12),
+    # loss-aware (the shared tests observe equal losses first): GradNorm's first weights are ones,
+    # DB-MTL's first direction scales with J, MoCo's ("loss": unit gradients times the loss) does not
+    "gradnorm": Symmetry(rtol=1e-12, atol=1e-14),
+    "dbmtl": Symmetry(rtol=1e-9, atol=1e-12),
+    "moco": Symmetry(weight_power=-1.0, rtol=1e-9, atol=1e-12),
 }
 
 
@@ -478,7 +487,7 @@ def test_registry_exports_and_validation(name: str) -> None:
 
 
 def test_aliases_and_init_validation() -> None:
-    assert len(AVAILABLE) == 13 and len(REGISTERED) == 29
+    assert len(AVAILABLE) == 13 and len(REGISTERED) == 32
     assert isinstance(build_aggregator("Dual-Proj"), DualProj) and isinstance(build_aggregator("ConFIG"), ConFIG)
     for make in (lambda: UPGrad(tol=0.0), lambda: DualProj(tol=1.5), lambda: ConFIG(rcond=-1.0),
                  lambda: ConFIG(rcond=1.0), lambda: Random(seed=1.5), lambda: Random(seed=True),

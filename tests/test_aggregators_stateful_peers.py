@@ -12,7 +12,7 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
-from aggregator_props import Symmetry, assert_permutation_and_scale, gram, rand_jacobian
+from aggregator_props import Symmetry, assert_permutation_and_scale, gram, rand_jacobian, ready
 from mtl_models import TinyMTL, loader, regression_data, trainer
 
 from lightning_cost.aggregators import MGDA, ExcessMTL, GramianAggregator, MoDo, SDMGrad, build_aggregator
@@ -216,7 +216,10 @@ def test_excessmtl_scale_processing() -> None:
 # ----------------------------------------------------------------------------- first-call symmetries, degenerate input
 
 SYMMETRY = {"modo": Symmetry(scale=False, rtol=1e-9, atol=1e-12), "sdmgrad": Symmetry(scale=False, rtol=1e-7, atol=1e-9),
-            "excessmtl": Symmetry(scale=False, rtol=1e-9, atol=1e-12)}
+            "excessmtl": Symmetry(scale=False, rtol=1e-9, atol=1e-12),
+            # loss-aware (equal losses observed first, see aggregator_props.ready)
+            "gradnorm": Symmetry(rtol=1e-12, atol=1e-14), "dbmtl": Symmetry(rtol=1e-9, atol=1e-12),
+            "moco": Symmetry(weight_power=-1.0, rtol=1e-9, atol=1e-12)}
 
 
 @pytest.mark.parametrize("name", list(SYMMETRY))
@@ -238,12 +241,12 @@ def test_sdmgrad_first_call_is_scale_free_while_the_eps_is_negligible() -> None:
 
 @pytest.mark.parametrize("name", list(SYMMETRY))
 def test_finite_in_finite_out_and_non_finite_rejected(name: str) -> None:
-    m = build_aggregator(name)
+    m = ready(build_aggregator(name), 3)
     for j in sequence(3, 0.5, n=3):
         j[1] = 0.0  # a zero task gradient
         assert torch.isfinite(m.aggregate(j)).all()
-    assert torch.isfinite(build_aggregator(name).aggregate(torch.zeros(3, 4, dtype=torch.float64))).all()
-    assert build_aggregator(name).aggregate(rand_jacobian(0, 3, 5).float()).dtype == torch.float32
+    assert torch.isfinite(ready(build_aggregator(name), 3).aggregate(torch.zeros(3, 4, dtype=torch.float64))).all()
+    assert ready(build_aggregator(name), 3).aggregate(rand_jacobian(0, 3, 5).float()).dtype == torch.float32
     bad = rand_jacobian(0, 3, 5)
     bad[2, 1] = float("nan")
     with pytest.raises(ValueError):

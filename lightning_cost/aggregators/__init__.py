@@ -1,7 +1,8 @@
-"""29 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
-:data:`AVAILABLE`) and 16 from the peer libraries, TorchJD and LibMTL (:data:`PEERS`: the
+"""32 multi-task methods, one module each, and a registry: the 13 the paper compares (Sec. 5,
+:data:`AVAILABLE`) and 19 from the peer libraries, TorchJD and LibMTL (:data:`PEERS`: the
 aggregators UPGrad, DualProj, ConFIG, Random, Aligned-MTL, Krum, GradVac, CR-MOGM, TrimmedMean,
-PCD, the stateful aggregators MoDo, SDMGrad, ExcessMTL and the loss weightings GLS, IMTL-L, STCH).
+PCD, the stateful aggregators MoDo, SDMGrad, ExcessMTL, the loss-aware aggregators GradNorm, DB-MTL,
+MoCo and the loss weightings GLS, IMTL-L, STCH).
 
 ``build_aggregator(name, **hparams)`` builds any of them by name (case-insensitive); the classes
 are importable from here too (``from lightning_cost.aggregators import FairGrad, MGDA``).
@@ -54,15 +55,19 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "modo": ("lightning_cost.aggregators.modo", "MoDo"),
     "sdmgrad": ("lightning_cost.aggregators.sdmgrad", "SDMGrad"),
     "excessmtl": ("lightning_cost.aggregators.excess_mtl", "ExcessMTL"),
+    "gradnorm": ("lightning_cost.aggregators.gradnorm", "GradNorm"),
+    "dbmtl": ("lightning_cost.aggregators.db_mtl", "DBMTL"),
+    "moco": ("lightning_cost.aggregators.moco", "MoCo"),
 }
 _ALIASES = {"imtl-g": "imtl", "imtlg": "imtl", "nash-mtl": "nashmtl", "nash_mtl": "nashmtl", "ew": "ls", "uncertainty": "uw",
             "dual-proj": "dualproj", "con-fig": "config", "aligned-mtl": "alignedmtl", "cr-mogm": "crmogm",
             "trimmed-mean": "trimmedmean", "trimmed_mean": "trimmedmean", "imtl-l": "imtll", "imtl_l": "imtll",
-            "excess-mtl": "excessmtl"}
+            "excess-mtl": "excessmtl", "db-mtl": "dbmtl", "db_mtl": "dbmtl"}
 
 #: Methods beyond the paper's 13, from the peer libraries' lists (TorchJD, LibMTL).
 PEERS = ("upgrad", "dualproj", "config", "random", "alignedmtl", "krum", "gradvac", "crmogm",
-         "trimmedmean", "pcd", "gls", "imtll", "stch", "modo", "sdmgrad", "excessmtl")
+         "trimmedmean", "pcd", "gls", "imtll", "stch", "modo", "sdmgrad", "excessmtl",
+         "gradnorm", "dbmtl", "moco")
 #: The 13 methods the paper compares, in its order: what the benchmarks run by default.
 AVAILABLE = tuple(name for name in _REGISTRY if name not in PEERS)
 #: Every registered name (``AVAILABLE + PEERS``).
@@ -111,6 +116,7 @@ __all__ = [
     "CAGrad",
     "CRMOGM",
     "ConFIG",
+    "DBMTL",
     "DWA",
     "DualProj",
     "ExcessMTL",
@@ -118,12 +124,14 @@ __all__ = [
     "FairGrad",
     "GLS",
     "GradDrop",
+    "GradNorm",
     "GradVac",
     "IMTLG",
     "IMTLL",
     "Krum",
     "LinearScalarization",
     "MGDA",
+    "MoCo",
     "MoDo",
     "NashMTL",
     "PCD",

@@ -12,9 +12,9 @@ import torch
 from scipy.linalg import lapack
 from torch import Tensor
 
-from lightning_cost.aggregators.base import AggregationError
+from lightning_cost.aggregators.base import AggregationError, check_losses
 
-__all__ = ["SeededDraws", "dual_cone_weights", "gramian_as_float64", "int_hparam", "min_norm_weights", "real_hparam",
+__all__ = ["ObservedLosses", "SeededDraws", "dual_cone_weights", "gramian_as_float64", "int_hparam", "min_norm_weights", "real_hparam",
            "require_nonzero_norms", "seeded_generator", "simplex_projection", "weights_like"]
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -74,6 +74,33 @@ class SeededDraws:
 
     def set_extra_state(self, state: Any) -> None:
         self.generator.set_state(state["generator"])
+
+
+class ObservedLosses:
+    """For an aggregator that reads the task losses (GradNorm, DB-MTL, MoCo): :meth:`observe_losses`
+    keeps the last ``K`` losses (validated: finite, non-negative) until the next call, and
+    :meth:`_losses_for` hands them to the aggregation, or says clearly that none were observed. They are
+    the step's input, not state: the ``state_dict`` leaves them out (the mixin observes before each step)."""
+
+    uses_losses: bool = True
+    _observed: Tensor | None = None
+
+    def observe_losses(self, losses: Tensor) -> None:
+        check_losses(losses)
+        if bool((losses < 0).any()):
+            raise ValueError(f"{type(self).__name__} needs non-negative task losses, got {losses.detach().tolist()}")
+        self._observed = losses.detach().to(device="cpu", dtype=torch.float64).clone()
+
+    def _losses_for(self, k: int) -> Tensor:
+        """The observed losses (float64, CPU) for a Jacobian or Gramian of ``k`` tasks."""
+        name = type(self).__name__
+        if self._observed is None:
+            raise RuntimeError(f"{name} uses the task losses: call observe_losses(losses) first (the multi-task "
+                               "mixin does so before every step; a direct aggregate() call must do it itself)")
+        if self._observed.shape[0] != k:
+            raise ValueError(f"{name}: observe_losses got {self._observed.shape[0]} task losses but the "
+                             f"Jacobian has {k} rows")
+        return self._observed
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:

@@ -114,10 +114,22 @@ class Aggregator(nn.Module, ABC):
 
     #: Whether the training core must compute the per-task Jacobian for this method.
     requires_jacobian: bool = True
+    #: Whether the method reads the task losses (GradNorm, DB-MTL, MoCo): the multi-task core then
+    #: calls :meth:`observe_losses` before each aggregation, and hands it all ``K`` rows of ``J``
+    #: (zero rows included) so that its per-task state stays aligned with the tasks.
+    uses_losses: bool = False
 
     @abstractmethod
     def aggregate(self, jacobian: Tensor) -> Tensor:
         """Return the update direction (length ``P``) for the Jacobian ``[K, P]``."""
+
+    def observe_losses(self, losses: Tensor) -> None:
+        """Called by the multi-task core once per aggregated optimizer step, before :meth:`aggregate`
+        (or :meth:`GramianAggregator.weights`), with the ``K`` globally averaged, detached task losses.
+
+        The default does nothing; a method with ``uses_losses = True`` keeps them for the next
+        aggregation (a direct caller of :meth:`aggregate` must call this first).
+        """
 
     def forward(self, jacobian: Tensor) -> Tensor:
         return self.aggregate(jacobian)
