@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+from lightning_cost.functional import backward
 from lightning_cost.gramian_engine import GramianConfig, GramianEngine
 from lightning_cost.jacobian import JacobianEngine
 from lightning_cost.mixin import MultiTaskMixin, TrainingStalledError
@@ -20,4 +21,5 @@ __all__ = [
     "SymmetryTeleportCallback",
     "TrainingStalledError",
     "__version__",
+    "backward",
 ]
