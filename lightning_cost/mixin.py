@@ -91,16 +91,10 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
     # ------------------------------------------------------------------ configuration
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        user_hook = cls.__dict__.get("on_before_optimizer_step")
-        if user_hook is not None and not getattr(user_hook, "_mtl_wrapped", False):
-
-            @functools.wraps(user_hook)
-            def on_before_optimizer_step(self: MultiTaskMixin, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-                MultiTaskMixin.on_before_optimizer_step(self, optimizer)
-                return user_hook(self, optimizer, *args, **kwargs)
-
-            on_before_optimizer_step._mtl_wrapped = True  # type: ignore[attr-defined]
-            cls.on_before_optimizer_step = on_before_optimizer_step  # type: ignore[method-assign]
+        for hook in ("on_before_optimizer_step", "on_save_checkpoint", "on_load_checkpoint"):
+            user_hook = cls.__dict__.get(hook)
+            if user_hook is not None and not getattr(user_hook, "_mtl_wrapped", False):
+                setattr(cls, hook, _mixin_first(hook, user_hook))
 
         user_step = cls.__dict__.get("training_step")
         if user_step is None or getattr(user_step, "_mtl_wrapped", False):
@@ -321,6 +315,22 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             self._mtl_skip_run = 0
         return out
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keeps the Gramian engine's first-step decision in the checkpoint, so that a resumed run takes
+        the same engine as the uninterrupted one (re-checking could decide otherwise, e.g. under bf16).
+
+        If you override this hook, it still runs first (the mixin wraps your override).
+        """
+        engine = self.mtl_gramian_engine
+        checkpoint[_CHECKPOINT_KEY] = {"gramian_verified": engine.verified, "gramian_disabled": engine.disabled_reason}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restores what :meth:`on_save_checkpoint` kept (checkpoints without it are re-checked)."""
+        saved = checkpoint.get(_CHECKPOINT_KEY)
+        if saved is not None:
+            engine = self.mtl_gramian_engine
+            engine.verified, engine.disabled_reason = bool(saved["gramian_verified"]), saved["gramian_disabled"]
+
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Drops the gradients of a skipped step so that the optimizer leaves every weight untouched.
 
@@ -331,3 +341,18 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
                 for p in group["params"]:
                     p.grad = None
             self._mtl_drop_grads = False
+
+
+_CHECKPOINT_KEY = "lightning_cost"
+
+
+def _mixin_first(hook: str, user_hook: Any) -> Any:
+    """``user_hook`` (a subclass's override of a hook the mixin needs) with the mixin's own hook run first."""
+
+    @functools.wraps(user_hook)
+    def wrapped(self: MultiTaskMixin, first: Any, *args: Any, **kwargs: Any) -> Any:
+        getattr(MultiTaskMixin, hook)(self, first)
+        return user_hook(self, first, *args, **kwargs)
+
+    wrapped._mtl_wrapped = True  # type: ignore[attr-defined]
+    return wrapped

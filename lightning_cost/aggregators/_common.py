@@ -57,6 +57,21 @@ def require_nonzero_norms(gramian: np.ndarray, method: str, reason: str) -> np.n
     return norms
 
 
+def checkpoint_safe(state: Any) -> Any:
+    """``state`` with every NumPy array a tensor and every NumPy scalar a Python number (recursively
+    through dicts, lists and tuples): Lightning loads checkpoints with ``torch.load(weights_only=True)``,
+    which refuses NumPy objects. ``np.array(tensor, dtype=np.float64)`` turns them back, bit for bit."""
+    if isinstance(state, np.ndarray):
+        return torch.from_numpy(state.copy())
+    if isinstance(state, np.generic):
+        return state.item()
+    if isinstance(state, dict):
+        return {k: checkpoint_safe(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(checkpoint_safe(v) for v in state)
+    return state
+
+
 class SeededDraws:
     """For a method that draws from a private generator (PCGrad's orders, GradDrop's masks, Random's
     weights): :meth:`_seed` makes it, and the generator's state is the module's extra state, so a

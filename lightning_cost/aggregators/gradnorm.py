@@ -9,7 +9,13 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from lightning_cost.aggregators._common import ObservedLosses, gramian_as_float64, real_hparam, weights_like
+from lightning_cost.aggregators._common import (
+    ObservedLosses,
+    checkpoint_safe,
+    gramian_as_float64,
+    real_hparam,
+    weights_like,
+)
 from lightning_cost.aggregators.base import GramianAggregator
 
 __all__ = ["GradNorm"]
@@ -79,7 +85,7 @@ class GradNorm(ObservedLosses, GramianAggregator):
     def get_extra_state(self) -> Any:
         if self.state is None:
             return {"state": None}
-        return {"state": {key: v.copy() if isinstance(v, np.ndarray) else v for key, v in self.state.items()}}
+        return {"state": checkpoint_safe(self.state)}
 
     def set_extra_state(self, state: Any) -> None:
         saved = state["state"]

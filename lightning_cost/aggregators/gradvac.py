@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators._common import SeededDraws, gramian_as_float64, weights_like
+from lightning_cost.aggregators._common import SeededDraws, checkpoint_safe, gramian_as_float64, weights_like
 from lightning_cost.aggregators.base import GramianAggregator
 
 __all__ = ["GradVac"]
@@ -85,7 +85,7 @@ class GradVac(SeededDraws, GramianAggregator):
         return c
 
     def get_extra_state(self) -> Any:
-        return {**super().get_extra_state(), "targets": self.targets.copy()}
+        return checkpoint_safe({**super().get_extra_state(), "targets": self.targets})
 
     def set_extra_state(self, state: Any) -> None:
         super().set_extra_state(state)

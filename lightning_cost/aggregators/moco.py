@@ -10,7 +10,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators._common import ObservedLosses, real_hparam, simplex_projection
+from lightning_cost.aggregators._common import (
+    ObservedLosses,
+    checkpoint_safe,
+    real_hparam,
+    simplex_projection,
+)
 from lightning_cost.aggregators.base import Aggregator, check_jacobian, gramian
 
 __all__ = ["MoCo"]
@@ -94,7 +99,7 @@ class MoCo(ObservedLosses, Aggregator):
         if self.state is None:
             return {"state": None}
         st = self.state
-        return {"state": {"y": st["y"].clone(), "lambda": st["lambda"].copy(), "steps": st["steps"]}}
+        return {"state": checkpoint_safe({"y": st["y"].clone(), "lambda": st["lambda"], "steps": st["steps"]})}
 
     def set_extra_state(self, state: Any) -> None:
         saved = state["state"]

@@ -10,6 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_cost.aggregators._common import (
+    checkpoint_safe,
     gramian_as_float64,
     real_hparam,
     simplex_projection,
@@ -62,7 +63,7 @@ class MoDo(GramianAggregator):
         return weights_like(self.lam.copy(), gramian)  # a copy: a caller may change the weights in place
 
     def get_extra_state(self) -> Any:
-        return {"lam": None if self.lam is None else self.lam.copy()}
+        return checkpoint_safe({"lam": self.lam})
 
     def set_extra_state(self, state: Any) -> None:
         self.lam = None if state["lam"] is None else np.array(state["lam"], dtype=np.float64)

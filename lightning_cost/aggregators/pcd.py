@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_cost.aggregators._common import gramian_as_float64, weights_like
+from lightning_cost.aggregators._common import checkpoint_safe, gramian_as_float64, weights_like
 from lightning_cost.aggregators.base import AggregationError, GramianAggregator
 
 __all__ = ["PCD"]
@@ -96,7 +96,7 @@ class PCD(GramianAggregator):
         return weights_like(w, gramian)
 
     def get_extra_state(self) -> Any:
-        return {"sq_norm_mean": self.sq_norm_mean.copy(), "steps": self.steps}
+        return checkpoint_safe({"sq_norm_mean": self.sq_norm_mean, "steps": self.steps})
 
     def set_extra_state(self, state: Any) -> None:
         self.sq_norm_mean = np.array(state["sq_norm_mean"], dtype=np.float64)

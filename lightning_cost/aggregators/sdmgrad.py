@@ -11,6 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_cost.aggregators._common import (
+    checkpoint_safe,
     gramian_as_float64,
     int_hparam,
     real_hparam,
@@ -92,7 +93,7 @@ class SDMGrad(GramianAggregator):
         return weights_like((w + self.lambda_ * pref) / (1.0 + self.lambda_), gramian)
 
     def get_extra_state(self) -> Any:
-        return {"w": None if self.w is None else self.w.copy()}
+        return checkpoint_safe({"w": self.w})
 
     def set_extra_state(self, state: Any) -> None:
         self.w = None if state["w"] is None else np.array(state["w"], dtype=np.float64)
