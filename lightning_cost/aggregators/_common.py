@@ -119,13 +119,10 @@ class ObservedLosses:
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:
-    """A CPU ``torch.Generator`` seeded with ``seed``, or non-deterministically when ``None``."""
-    gen = torch.Generator()
-    if seed is None:
-        gen.seed()
-    else:
-        gen.manual_seed(int(seed))
-    return gen
+    """A CPU ``torch.Generator`` seeded with ``seed``, or with :func:`torch.initial_seed` when ``None``
+    (so a run seeded by ``torch.manual_seed`` or ``seed_everything`` draws the same sequence again, in
+    a rerun, on another DDP rank, or before a resume)."""
+    return torch.Generator().manual_seed(int(torch.initial_seed()) if seed is None else int(seed))
 
 
 def _affine_min_norm(gramian: np.ndarray, support: Sequence[int]) -> np.ndarray:

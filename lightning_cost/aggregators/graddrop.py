@@ -37,7 +37,7 @@ class GradDrop(SeededDraws, Aggregator):
             default ``0.0``: pure GradDrop; ``1.0`` recovers the plain sum of gradients).
         seed: seed of the CPU ``torch.Generator`` that draws ``U`` (``P`` float32 draws per
             call, then moved to the Jacobian's device). Give every DDP rank the same seed
-            so that all ranks drop the same signs. ``None`` seeds it non-deterministically.
+            so that all ranks drop the same signs. ``None`` seeds it from ``torch.initial_seed()``.
             The generator state is saved in the module's ``state_dict`` (extra state).
 
     Degenerate input: no task-gradient norm is divided by. A coordinate where every task

@@ -72,7 +72,7 @@ class PCGrad(SeededDraws, GramianAggregator):
         seed: seed of the ``torch.Generator`` that draws the task orders (one
             ``torch.randperm(K)`` per task ``i = 0..K-1``, in that order, per call). Give
             every DDP rank the same seed so that all ranks use the same orders. ``None``
-            seeds it non-deterministically. The generator state is saved in the module's
+            seeds it from ``torch.initial_seed()``. The generator state is saved in the module's
             ``state_dict`` (extra state), so a resumed run continues the same sequence.
 
     Degenerate input: the projection divides by ``||g_j||^2`` only when

@@ -31,7 +31,7 @@ class Random(SeededDraws, GramianAggregator):
     Args:
         seed: seed of the private CPU ``torch.Generator`` (``K`` float64 normals per call, so the
             draws do not depend on the Gramian's dtype or device, and both engines draw the same);
-            ``None`` seeds it non-deterministically. Give every DDP rank the same seed. With a seed
+            ``None`` seeds it from ``torch.initial_seed()``. Give every DDP rank the same seed. With a seed
             ``s``, the first draw equals TorchJD's ``Random`` on a float64 CPU ``J`` after
             ``torch.manual_seed(s)``. The generator state is saved in the ``state_dict``.
 
