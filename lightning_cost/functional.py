@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -241,21 +241,12 @@ def _check_graph(losses: Tensor, parts: list[Tensor] | None, names: list[str], s
             raise ValueError(f"the loss of {name} is not connected to the shared parameters (no gradient path "
                              "from it to any shared parameter that requires grad)")
     others: dict[int, Tensor] = {}
-    seen: set[int] = set()
-    stack: list[Any] = [losses.grad_fn]
     found_shared = False
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        var = getattr(node, "variable", None)
-        if var is not None:
-            if id(var) in shared_ids:
-                found_shared = True
-            elif id(var) not in excluded and var.requires_grad:
-                others.setdefault(id(var), var)
-        stack.extend(n for n, _ in node.next_functions)
+    for var in _leaves(losses.grad_fn):
+        if id(var) in shared_ids:
+            found_shared = True
+        elif id(var) not in excluded and var.requires_grad:
+            others.setdefault(id(var), var)
     if not found_shared:
         raise ValueError("the losses are not connected to the shared parameters (no gradient path from them to "
                          "any shared parameter that requires grad)")
@@ -264,6 +255,11 @@ def _check_graph(losses: Tensor, parts: list[Tensor] | None, names: list[str], s
 
 def _reaches(root: Any, targets: set[int]) -> bool:
     """Whether the autograd graph below ``root`` accumulates into one of the ``targets`` (by id)."""
+    return any(id(var) in targets for var in _leaves(root))
+
+
+def _leaves(root: Any) -> Iterator[Tensor]:
+    """The tensors the autograd graph below ``root`` accumulates into (each node visited once)."""
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -272,7 +268,6 @@ def _reaches(root: Any, targets: set[int]) -> bool:
             continue
         seen.add(id(node))
         var = getattr(node, "variable", None)
-        if var is not None and id(var) in targets:
-            return True
+        if var is not None:
+            yield var
         stack.extend(n for n, _ in node.next_functions)
-    return False

@@ -35,6 +35,7 @@ __all__ = [
     "check_jacobian",
     "check_jacobian_shape",
     "check_losses",
+    "check_positive_losses",
     "gramian",
 ]
 
@@ -104,6 +105,16 @@ def check_losses(losses: Tensor) -> None:
     # K is small: K Python floats are tested faster than a torch.isfinite kernel plus its .all()
     if not all(map(math.isfinite, losses.detach().tolist())):
         raise ValueError(f"losses must be finite, got {losses.detach().tolist()}")
+
+
+def check_positive_losses(losses: Tensor, method: str, why: str) -> None:
+    """:func:`check_losses`, and every loss strictly positive (``method`` takes ``why``)."""
+    check_losses(losses)
+    values = losses.detach().tolist()
+    bad = [i for i, v in enumerate(values) if not v > 0]
+    if bad:
+        raise ValueError(f"{method} needs strictly positive losses ({why}); tasks {bad} have losses "
+                         f"{[values[i] for i in bad]}")
 
 
 _gramian = gramian  # for methods whose argument is named ``gramian``

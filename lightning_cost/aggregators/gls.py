@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_cost.aggregators.base import LossWeighting, check_losses
+from lightning_cost.aggregators.base import LossWeighting, check_positive_losses
 
 __all__ = ["GLS"]
 
@@ -29,12 +29,7 @@ class GLS(LossWeighting):
 
     @staticmethod
     def _check(losses: Tensor) -> None:
-        check_losses(losses)
-        values = losses.detach().tolist()
-        bad = [i for i, v in enumerate(values) if not v > 0]
-        if bad:
-            raise ValueError(f"GLS needs strictly positive losses (a geometric mean of logs); "
-                             f"tasks {bad} have losses {[values[i] for i in bad]}")
+        check_positive_losses(losses, "GLS", "a geometric mean of logs")
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check(losses)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from lightning_cost.aggregators.base import LossWeighting, check_losses
+from lightning_cost.aggregators.base import LossWeighting, check_positive_losses
 
 __all__ = ["ScaleInvariant"]
 
@@ -25,14 +25,7 @@ class ScaleInvariant(LossWeighting):
 
     @staticmethod
     def _check(losses: Tensor) -> None:
-        check_losses(losses)
-        values = losses.detach().tolist()
-        bad = [i for i, v in enumerate(values) if not v > 0]
-        if bad:
-            raise ValueError(
-                f"ScaleInvariant needs strictly positive losses (it takes their log); "
-                f"tasks {bad} have losses {[values[i] for i in bad]}"
-            )
+        check_positive_losses(losses, "ScaleInvariant", "it takes their log")
 
     def forward(self, losses: Tensor) -> Tensor:
         self._check(losses)
