@@ -22,7 +22,9 @@ step "python -m build (sdist + wheel)"
 ls "$TMP/dist"
 WHEEL="$(ls "$TMP"/dist/*.whl)"
 SDIST="$(ls "$TMP"/dist/*.tar.gz)"
-unzip -l "$WHEEL" | grep -q 'lightning_cost/py.typed' || { echo "check.sh: py.typed missing from the wheel" >&2; exit 1; }
+# no `unzip -l | grep -q` pipe: grep -q exits at the first match, and under pipefail unzip's SIGPIPE fails it
+"$PY" -c 'import sys, zipfile; sys.exit("lightning_cost/py.typed" not in zipfile.ZipFile(sys.argv[1]).namelist())' "$WHEEL" \
+  || { echo "check.sh: py.typed missing from the wheel" >&2; exit 1; }
 
 step "twine check"
 "$PY" -m twine check --strict "$SDIST" "$WHEEL"
