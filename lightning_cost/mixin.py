@@ -306,13 +306,7 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
             reps = self._mtl_end_capture()
         method = self.mtl_method
         epoch = int(getattr(self, "current_epoch", 0))
-        if isinstance(method, LossWeighting) and (
-            epoch != self._mtl_epoch_seen if self._mtl_epoch_seen is not None else self._mtl_first_batch_of_epoch()
-        ):
-            # The epoch changed: close the previous one. The first step of this process (``_mtl_epoch_seen`` is
-            # None) also closes one when it is the first batch of its epoch: after a resume from a checkpoint
-            # saved at an epoch's end, the restored accumulation belongs to that finished epoch (a mid-epoch
-            # resume keeps accumulating; a fresh run has nothing to close, and on_epoch_end then does nothing).
+        if self._mtl_epoch_seen is not None and epoch != self._mtl_epoch_seen and isinstance(method, LossWeighting):
             method.on_epoch_end()
         self._mtl_epoch_seen = epoch
         out = self._mtl_jacobian_step(losses, reps, task_losses) if self.needs_jacobian \
@@ -323,12 +317,14 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keeps the Gramian engine's first-step decision in the checkpoint, so that a resumed run takes
-        the same engine as the uninterrupted one (re-checking could decide otherwise, e.g. under bf16).
+        the same engine as the uninterrupted one (re-checking could decide otherwise, e.g. under bf16),
+        and the last epoch a step saw, so that a loss weighting's epoch is closed as it would have been.
 
         If you override this hook, it still runs first (the mixin wraps your override).
         """
         engine = self.mtl_gramian_engine
-        checkpoint[_CHECKPOINT_KEY] = {"gramian_verified": engine.verified, "gramian_disabled": engine.disabled_reason}
+        checkpoint[_CHECKPOINT_KEY] = {"gramian_verified": engine.verified, "gramian_disabled": engine.disabled_reason,
+                                       "epoch_seen": self._mtl_epoch_seen}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restores what :meth:`on_save_checkpoint` kept (checkpoints without it are re-checked)."""
@@ -336,13 +332,7 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         if saved is not None:
             engine = self.mtl_gramian_engine
             engine.verified, engine.disabled_reason = bool(saved["gramian_verified"]), saved["gramian_disabled"]
-
-    def _mtl_first_batch_of_epoch(self) -> bool:
-        """Whether the running training step is the first batch of its epoch (False without a Trainer)."""
-        trainer = self._mtl_trainer()  # type: ignore[attr-defined]
-        epoch_loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-        batch_idx = getattr(epoch_loop, "batch_idx", None)
-        return isinstance(batch_idx, int) and batch_idx == 0
+            self._mtl_epoch_seen = saved.get("epoch_seen")  # a resume at an epoch's end then closes that epoch
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """Drops the gradients of a skipped step so that the optimizer leaves every weight untouched.
