@@ -9,6 +9,7 @@ from lightning_cost.mixin import MultiTaskMixin, TrainingStalledError
 from lightning_cost.monitor import ConflictMonitor
 from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
+from lightning_cost.teleport.loop import Teleport, teleport_once
 
 __all__ = [
     "ConflictMonitor",
@@ -19,7 +20,9 @@ __all__ = [
     "MultiTaskModule",
     "StepRecord",
     "SymmetryTeleportCallback",
+    "Teleport",
     "TrainingStalledError",
     "__version__",
     "backward",
+    "teleport_once",
 ]

@@ -2,9 +2,11 @@
 controls), after (state transfer), records."""
 
 from lightning_cost.teleport.adapter import TeleportAdapter
+from lightning_cost.teleport.attempt import attempt_teleport
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
 from lightning_cost.teleport.evaluation import DROPOUT_LAYERS, Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
+from lightning_cost.teleport.loop import Teleport, teleport_once
 from lightning_cost.teleport.lora import LoRAConfig, LoRATeleporter
 from lightning_cost.teleport.null import NullConfig, NullTeleporter
 from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
@@ -45,6 +47,7 @@ __all__ = [
     "StateTransfer",
     "SymmetryTeleportCallback",
     "TaskLossEvaluator",
+    "Teleport",
     "TeleportAdapter",
     "TeleportLog",
     "TeleportProblem",
@@ -54,6 +57,7 @@ __all__ = [
     "Teleporter",
     "TriggerResult",
     "apply_htr",
+    "attempt_teleport",
     "balance_ratios",
     "build_teleporter",
     "conflict_cosines",
@@ -64,5 +68,6 @@ __all__ = [
     "reset_step_count",
     "sample_sphere",
     "sharpness",
+    "teleport_once",
     "teleporter_class",
 ]

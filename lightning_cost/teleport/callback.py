@@ -22,11 +22,11 @@ from torch import Tensor, nn
 
 from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport._checks import check_bool, check_int
-from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator, keep_buffers
-from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
-from lightning_cost.teleport.registry import build_teleporter, split_spec
+from lightning_cost.teleport.attempt import attempt_teleport, resolve_parts
+from lightning_cost.teleport.evaluation import TaskLossEvaluator
+from lightning_cost.teleport.records import TeleportLog, TeleportRecord
 from lightning_cost.teleport.schedule import TeleportSchedule
-from lightning_cost.teleport.teleporter import Teleporter, TeleportProblem
+from lightning_cost.teleport.teleporter import Teleporter
 from lightning_cost.teleport.transfer import StateTransfer
 from lightning_cost.teleport.trigger import ConflictTrigger, TriggerResult
 
@@ -70,15 +70,8 @@ class SymmetryTeleportCallback(L.Callback):
                  transfer: str | StateTransfer | None = None, teleport_batches: int = 0, measure: bool = True,
                  seed: int = 0, name: str | None = None) -> None:
         super().__init__()
-        self.teleporter = _teleporter(teleporter)
-        self.trigger = ConflictTrigger(cast(Any, trigger)) if isinstance(trigger, str) else (  # checked there
-            ConflictTrigger(**trigger) if isinstance(trigger, Mapping) else trigger)
+        self.teleporter, self.trigger, self.transfer = resolve_parts(teleporter, trigger, transfer)
         self.schedule = schedule if isinstance(schedule, TeleportSchedule) else TeleportSchedule(**(schedule or {}))
-        self.transfer = transfer if isinstance(transfer, StateTransfer) else StateTransfer(
-            transfer or self.teleporter.default_transfer)
-        if self.transfer.policy == "transport" and not self.teleporter.gives_factors:
-            raise ValueError(f"transfer='transport' needs an exact symmetry; the {self.teleporter.name!r} teleporter "
-                             "gives none (use teleporter='rescale', or transfer 'htr', 'keep' or 'reset')")
         check_int("teleport_batches", teleport_batches, 0)
         check_bool("measure", measure)
         check_int("seed", seed)
@@ -193,54 +186,22 @@ class SymmetryTeleportCallback(L.Callback):
     # ------------------------------------------------------------------ the teleport
     def _teleport(self, trainer: L.Trainer, pl_module: Any, optimizer: Any, params: list[nn.Parameter],
                   record: StepRecord, result: TriggerResult, forced: bool) -> bool:
-        """One attempt; True when it was applied (the weights moved, or a control was accepted): the step is
-        then dropped."""
-        evaluator = TaskLossEvaluator.for_trainer(trainer, pl_module, self._batch_idx)
-        batches = self._teleport_data(trainer)
-        g_prev = None  # eq. 12's g': only HTR reads it
-        if self.transfer.policy == "htr":
+        """One attempt (:func:`~lightning_cost.teleport.attempt.attempt_teleport`) on the step's batches, in the
+        trainer's forward context; True when it was applied (the weights moved, or a control was accepted):
+        the step is then dropped."""
+        g_prev = None  # eq. 12's g': HTR's share and the authors' restart rule read it
+        if self.transfer.policy in ("htr", "restart_if_opposed"):
             g_prev = record.direction if record.direction is not None else _flat_grad(params)
         rec = TeleportRecord(step=int(trainer.global_step), epoch=int(trainer.current_epoch),
                              teleporter=self.teleporter.name, forced=forced,
                              trigger_conflicts=result.num_conflicting, transfer=self.transfer.policy)
-        with evaluator.dropout_off() as had_dropout:
-            # the snapshot is taken with dropout off, so restoring its modes (the teleporter does, before
-            # the measurement after the move) keeps dropout off until the whole teleport is done
-            snapshot = Snapshot(pl_module, params, optimizer)
-            try:
-                reuse = len(batches) == 1 and not had_dropout and record.jacobian is not None
-                with keep_buffers(pl_module):
-                    target, jacobian = (record.losses.float(), cast(Tensor, record.jacobian)) if reuse else \
-                        evaluator.jacobian(batches, params)
-                rec.before = GradientStats.of(jacobian, self.trigger)
-                problem = TeleportProblem(pl_module, params, evaluator, batches, target, jacobian, self.generator,
-                                          _lr_of(optimizer, params), snapshot)
-                move = self.teleporter.teleport(problem, rec)
-                rec.applied = move is not None and (rec.moved or self.teleporter.control)
-                if rec.applied:
-                    self._after_move(rec, problem, snapshot, move, optimizer, g_prev)
-            except BaseException:
-                snapshot.restore_all()
-                raise
+        known = (record.losses.float(), record.jacobian) if record.jacobian is not None else None
+        attempt_teleport(pl_module, params, optimizer, TaskLossEvaluator.for_trainer(trainer, pl_module, self._batch_idx),
+                         self._teleport_data(trainer), rec, teleporter=self.teleporter, transfer=self.transfer,
+                         trigger=self.trigger, generator=self.generator, measure=self.measure, last_gradient=g_prev,
+                         known=known)
         self.records.add(rec, trainer)
-        if not rec.accepted:
-            rank_zero_warn(f"lightning_cost: teleport rejected and rolled back ({rec.reason})")
         return rec.applied
-
-    def _after_move(self, rec: TeleportRecord, problem: TeleportProblem, snapshot: Snapshot, move: Any,
-                    optimizer: Any, g_prev: Tensor | None) -> None:
-        displacement = snapshot.displacement()
-        rec.displacement_norm = float(displacement.norm())
-        rec.displacement_rel = rec.displacement_norm / max(snapshot.weight_norm(), 1e-30)
-        if self.measure:
-            if move.factors is not None:  # an exact symmetry: the new gradients are g / t, no backward
-                after = problem.jacobian / torch.cat([t.reshape(-1) for t in move.factors]).to(problem.jacobian.dtype)
-            else:
-                with keep_buffers(problem.module):
-                    _, after = problem.evaluator.jacobian(problem.batches, problem.params)
-            rec.after = GradientStats.of(after, self.trigger)
-        rec.sigma = self.transfer.after_teleport(optimizer, problem.params, displacement.float(), g_prev,
-                                                 move.factors)
 
     def _teleport_data(self, trainer: L.Trainer) -> list[Any]:
         """The step's batch and ``teleport_batches`` more from the training loader (global RNG untouched)."""
@@ -280,15 +241,6 @@ class SymmetryTeleportCallback(L.Callback):
         self._requested = bool(state_dict.get("requested", False))
 
 
-def _teleporter(spec: str | Mapping[str, Any] | Teleporter) -> Teleporter:
-    if isinstance(spec, Teleporter):
-        return spec
-    if isinstance(spec, (str, Mapping)):
-        name, settings = split_spec(spec)
-        return build_teleporter(name, **settings)
-    raise TypeError(f"teleporter must be a name, a mapping or a Teleporter, got {type(spec).__name__}")
-
-
 def _check_setup(trainer: L.Trainer, pl_module: Any, trigger: ConflictTrigger) -> None:
     if not isinstance(pl_module, MultiTaskModule):
         raise TypeError("SymmetryTeleportCallback needs a LightningModule implementing lightning_cost.MultiTaskModule "
@@ -319,15 +271,6 @@ def _flat_grad(params: list[nn.Parameter]) -> Tensor | None:
         return None
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
                       for p in params])
-
-
-def _lr_of(optimizer: Any, params: list[nn.Parameter]) -> float:
-    """The learning rate of the param group that holds the teleported weights."""
-    ids = {id(p) for p in params}
-    for group in optimizer.param_groups:
-        if any(id(p) in ids for p in group["params"]):
-            return float(group["lr"])
-    return float(optimizer.param_groups[0]["lr"])
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
