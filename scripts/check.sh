@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Release checks, from the repository root with the project's venv (scripts/test.sh creates it):
-# ruff on the whole repository, mypy on the library, sdist + wheel (python -m build), twine check,
+# ruff on the whole repository, mypy on the library, the docs site (mkdocs --strict), sdist + wheel (python -m build), twine check,
 # and the built wheel installed into a fresh venv and imported from outside the source tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +16,9 @@ step "ruff check ."
 
 step "mypy lightning_cost/ (settings in setup.cfg [mypy])"
 "$PY" -m mypy lightning_cost/
+
+step "mkdocs build --strict (the documentation site, mkdocs.yml)"
+"$PY" -m mkdocs build --strict --quiet -d "$TMP/site"
 
 step "python -m build (sdist + wheel)"
 "$PY" -m build --sdist --wheel --outdir "$TMP/dist" . > "$TMP/build.log" 2>&1 || { cat "$TMP/build.log"; exit 1; }

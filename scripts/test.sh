@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench,paper,nashmtl,ray,peers]"
+.venv/bin/pip install -q --disable-pip-version-check -c constraints.txt -e ".[dev,bench,paper,nashmtl,ray,peers,docs]"
 exec .venv/bin/python -m pytest "$@"

@@ -15,7 +15,8 @@ class TeleportSchedule:
     whether one *may*.
 
     Args:
-        warmup_epochs, warmup_steps: no teleport before both are reached.
+        warmup_epochs: no teleport before this many epochs have passed (and ``warmup_steps``).
+        warmup_steps: no teleport before this many optimizer steps (and ``warmup_epochs``).
         warmup_fraction: no teleport before this fraction of the run's optimizer steps
             (``Trainer.estimated_stepping_batches``); the authors teleport from 1/4 of training.
         max_per_epoch: at most this many teleport attempts (accepted or not) per epoch; ``None``: no cap.
