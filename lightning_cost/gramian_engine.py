@@ -14,8 +14,10 @@ Gramians; the update of weights ``w`` is written per layer as ``(sum_i w_i D_i)^
 The Gram parts are exact in real arithmetic; a weight used outside its module's ``forward`` (tied
 weights read as a tensor) would escape them, so the first step is checked against the Jacobian
 engine's ``J J^T`` (:attr:`GramianConfig.verify`) and a mismatch switches back to the Jacobian for
-good, with a warning. Under DDP the global Gramian has cross-rank terms that no rank's Gram parts
-contain: the multi-task core then uses the exact path (per-task gradients averaged over ranks).
+good, with a warning (the check's tolerance follows the precision the step ran in: under
+``"bf16-mixed"`` the two computations round differently, :attr:`GramianConfig.rtol`). Under DDP the
+global Gramian has cross-rank terms that no rank's Gram parts contain: the multi-task core then uses
+the exact path (per-task gradients averaged over ranks).
 """
 
 from __future__ import annotations
@@ -24,22 +26,28 @@ import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_cost._precision import AUTO, autocast_dtype, coarsest, rounding_tolerance
 from lightning_cost.aggregators import gramian as block_gramian
 from lightning_cost.aggregators.base import GRAMIAN_BLOCK
 from lightning_cost.gram_layers import LayerRule, rule_for
 from lightning_cost.jacobian import JacobianEngine
 from lightning_cost.representation_cut import head_products, passes_only_through, reached_leaves
 
-__all__ = ["GramianConfig", "GramianEngine", "GramianStep"]
+__all__ = ["RTOL_FLOOR", "RTOL_UNITS", "GramianConfig", "GramianEngine", "GramianStep"]
 
 log = logging.getLogger(__name__)
 
 PATHS = ("auto", "gram", "explicit")
+#: ``rtol="auto"`` where the step ran in float32 or finer
+RTOL_FLOOR = 1e-3
+#: ``rtol="auto"`` in a coarser dtype: this many steps ``eps`` of its relative resolution
+#: (:meth:`GramianEngine.check_rtol` says why four)
+RTOL_UNITS = 4.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +62,10 @@ class GramianConfig:
             for the Gram path: its ``N x N`` matrix ``S`` is formed.
         verify: check the first step's ``G`` against the Jacobian engine's ``J J^T`` (one extra
             Jacobian, once) and fall back to the Jacobian engine on a mismatch.
-        rtol: the check's tolerance, relative to the largest ``|G_ij|``.
+        rtol: the check's tolerance, relative to the largest ``|G_ij|``; ``"auto"`` (the default)
+            follows the precision the step's forward and backward ran in: ``1e-3`` in float32, four
+            steps ``eps`` of the autocast dtype's resolution under ``"bf16-mixed"`` / ``"16-mixed"``
+            (:meth:`GramianEngine.check_rtol`); a number is used as given.
         two_stage: where the task losses reach the shared parameters only through the shared
             module's output ``z`` (checked on each step's graph), get the cotangents of ``z`` by one
             small product per task through its head, then one batched product through the trunk
@@ -64,7 +75,7 @@ class GramianConfig:
     path: str = "auto"
     max_rows: int = 4096
     verify: bool = True
-    rtol: float = 1e-3
+    rtol: float | Literal["auto"] = "auto"
     two_stage: bool = True
 
     def __post_init__(self) -> None:
@@ -74,8 +85,9 @@ class GramianConfig:
             raise ValueError(f"max_rows must be an int >= 1, got {self.max_rows!r}")
         if not isinstance(self.verify, bool):
             raise ValueError(f"verify must be a bool, got {self.verify!r}")
-        if not (isinstance(self.rtol, (int, float)) and 0 < self.rtol < 1):
-            raise ValueError(f"rtol must be in (0, 1), got {self.rtol!r}")
+        if self.rtol != AUTO and not (isinstance(self.rtol, (int, float)) and not isinstance(self.rtol, bool)
+                                      and 0 < self.rtol < 1):
+            raise ValueError(f"rtol must be 'auto' or in (0, 1), got {self.rtol!r}")
         if not isinstance(self.two_stage, bool):
             raise ValueError(f"two_stage must be a bool, got {self.two_stage!r}")
 
@@ -145,6 +157,7 @@ class GramianEngine:
         self._layers: list[_Layer] = []
         self._paths: dict[str, str] = {}
         self._cut_calls: list[Any] = []
+        self._dtypes: set[torch.dtype] = set()
         self.split = "one stage (not run yet)"
 
     def __repr__(self) -> str:
@@ -158,6 +171,8 @@ class GramianEngine:
         of ``boundary``, the shared module, for the two-stage product)."""
         self._layers = self._candidates(root, shared)
         self._cut_calls = []
+        active = [autocast_dtype(t) for t in {p.device.type for p in shared}]
+        self._dtypes = {p.dtype for p in shared} | {d for d in active if d is not None}
         handles = [layer.module.register_forward_hook(self._hook(layer, k)) for layer in self._layers]
         if boundary is not None and self.config.two_stage:
             handles.append(boundary.register_forward_hook(lambda m, a, out: self._cut_calls.append(out)))
@@ -196,6 +211,7 @@ class GramianEngine:
                     and isinstance(args[0], Tensor)):
                 return None
             x = args[0]
+            self._dtypes.add(output.dtype)
             if layer.gram is None:
                 cfg = self.config
                 layer.gram = (layer.rule.n_rows(module, x) <= cfg.max_rows if cfg.path == "gram"
@@ -314,16 +330,43 @@ class GramianEngine:
                 gram += b @ b.T
         return layer, a, d
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The precision of the last captured step: the coarsest of the shared weights' dtype, the
+        autocast dtype when :meth:`capture` was entered and the captured layers' output dtype."""
+        return coarsest(self._dtypes)
+
+    def check_rtol(self) -> float:
+        """The first-step check's tolerance, relative to the largest ``|G_ij|``: ``config.rtol`` when it
+        is a number, else (``"auto"``) ``max(RTOL_FLOOR, RTOL_UNITS * eps)``, ``eps`` the relative
+        resolution (``torch.finfo(dtype).eps``) of :attr:`compute_dtype`.
+
+        Why four ``eps``: each ``G_ij`` is a sum of products of two gradient factors (a layer's input
+        rows and output cotangents here, two per-task weight gradients in the reference ``J J^T``).
+        Under autocast those factors are rounded to the dtype along two different orders of operations
+        (the reference rounds every per-task weight gradient, ``eps / 2`` each), so one product may
+        be off by ``2 * eps / 2 = eps`` on either side and the two Gramians by ``2 eps`` of the largest
+        entry from rounding alone; twice that covers the roundings compounded through the backward
+        pass. In float32 that is far below the floor, which is kept. A weight read outside its
+        module's forward leaves a whole term out of the Gram parts, an error of the order of ``G``
+        itself, far above either.
+        """
+        if self.config.rtol != AUTO:
+            return float(self.config.rtol)
+        return rounding_tolerance(RTOL_FLOOR, self.compute_dtype, RTOL_UNITS)
+
     def check(self, gram: Tensor, reference: Tensor) -> bool:
-        """Whether ``gram`` matches the Jacobian engine's ``reference`` (the first-step check); on a
-        mismatch the engine disables itself, saying why."""
+        """Whether ``gram`` matches the Jacobian engine's ``reference`` (the first-step check, within
+        :meth:`check_rtol`); on a mismatch the engine disables itself, saying why."""
         self.verified = True
         err = float((gram - reference).abs().max())
         size = float(reference.abs().max())
-        if err <= self.config.rtol * max(size, torch.finfo(torch.float32).tiny):
+        rtol = self.check_rtol()
+        if err <= rtol * max(size, torch.finfo(torch.float32).tiny):
             return True
-        self.disabled_reason = (f"the Gram parts differ from J J^T by {err / max(size, 1e-30):.1e} relative (a shared "
-                                "weight used outside its module's forward?); using the Jacobian engine from now on")
+        self.disabled_reason = (f"the Gram parts differ from J J^T by {err / max(size, 1e-30):.1e} relative, above "
+                                f"the tolerance {rtol:.1e} for {self.compute_dtype} (a shared weight used outside "
+                                "its module's forward?); using the Jacobian engine from now on")
         return False
 
 

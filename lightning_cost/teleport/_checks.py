@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["check_bool", "check_choice", "check_float", "check_int"]
+__all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_tolerance"]
 
 
 def check_int(name: str, value: Any, minimum: int | None = None, optional: bool = False) -> None:
@@ -35,6 +35,15 @@ def check_float(name: str, value: Any, minimum: float | None = None, positive: b
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
+
+
+def check_tolerance(name: str, value: Any, allow_inf: bool = False) -> None:
+    """``"auto"`` (follow the precision of the computation checked) or a real number ``>= 0``."""
+    if isinstance(value, str):
+        if value != "auto":
+            raise ValueError(f"{name} must be 'auto' or a real number >= 0, got {value!r}")
+        return
+    check_float(name, value, minimum=0.0, allow_inf=allow_inf)
 
 
 def check_bool(name: str, value: Any) -> None:

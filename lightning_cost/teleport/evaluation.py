@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from lightning_cost._precision import autocast_dtype, coarsest
 from lightning_cost.distributed import all_reduce_mean
 from lightning_cost.jacobian import JacobianEngine
 
@@ -83,6 +84,16 @@ class TaskLossEvaluator:
             prefixed = {"m." + k: v for k, v in overrides.items()}
             return torch.func.functional_call(_Method(self.module, fn), prefixed, (batch, self.batch_idx),
                                               strict=False).float()
+
+    def compute_dtype(self) -> torch.dtype:
+        """The precision the task losses are computed in: the autocast dtype inside ``forward_context``
+        (``bfloat16`` under ``precision="bf16-mixed"``) or, coarser still, the weights' own dtype
+        (``precision="bf16-true"``); ``torch.float32`` when neither is coarser."""
+        params = list(self.module.parameters())
+        devices = {p.device.type for p in params} or {"cpu"}
+        with self.forward_context():
+            active = [autocast_dtype(d) for d in devices]
+        return coarsest([*active, *(p.dtype for p in params)])
 
     def local(self, batches: Sequence[Any], overrides: dict[str, Tensor] | None = None) -> Tensor:
         """This rank's mean task losses over ``batches`` (differentiable)."""

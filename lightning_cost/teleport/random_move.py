@@ -8,12 +8,12 @@ chosen state transfer at the teleport's steps: set ``relative_size`` to a real t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import Literal, cast
 
 import torch
 from torch import Tensor
 
-from lightning_cost.teleport._checks import check_float
+from lightning_cost.teleport._checks import check_float, check_tolerance
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem
 
 __all__ = ["RandomMove", "RandomMoveConfig"]
@@ -26,16 +26,17 @@ class RandomMoveConfig:
     Args:
         relative_size: ``||dtheta|| / ||theta||`` over the teleported weights (``> 0``).
         loss_tolerance, abs_tolerance: acceptance test; ``inf`` (the default): none, so every finite
-            move is kept.
+            move is kept. ``loss_tolerance="auto"``: the rule of the exact teleporters
+            (:meth:`~lightning_cost.teleport.teleporter.Teleporter.resolved_loss_tolerance`).
     """
 
     relative_size: float = 3e-3
-    loss_tolerance: float = float("inf")
+    loss_tolerance: float | Literal["auto"] = float("inf")
     abs_tolerance: float = float("inf")
 
     def __post_init__(self) -> None:
         check_float("relative_size", self.relative_size, positive=True)
-        check_float("loss_tolerance", self.loss_tolerance, minimum=0.0, allow_inf=True)
+        check_tolerance("loss_tolerance", self.loss_tolerance, allow_inf=True)
         check_float("abs_tolerance", self.abs_tolerance, minimum=0.0, allow_inf=True)
 
 

@@ -57,6 +57,7 @@ class TeleportRecord:
     losses_before: list[float] = field(default_factory=list)
     losses_after: list[float] | None = None
     loss_drift: float | None = None  # max_i |L_i - L_i*| / |L_i*|
+    loss_tolerance: float | None = None  # the relative tolerance the acceptance test applied ("auto" resolved)
     displacement_norm: float | None = None
     displacement_rel: float | None = None  # ||dtheta|| / ||theta|| over the teleported parameters
     before: GradientStats | None = None

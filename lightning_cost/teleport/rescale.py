@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_cost.distributed import broadcast_
-from lightning_cost.teleport._checks import check_bool, check_choice, check_float, check_int
+from lightning_cost.teleport._checks import check_bool, check_choice, check_float, check_int, check_tolerance
 from lightning_cost.teleport.evaluation import keep_buffers
 from lightning_cost.teleport.flatness import ScaledHessianTrace, hessian_diagonal
 from lightning_cost.teleport.symmetry import RescaleSymmetry
@@ -46,7 +46,12 @@ class RescaleConfig:
         steps, lr: Adam steps and learning rate on the (unbounded) parameters of the log-scales.
         temperature: of the soft minimum of the cosines (``objective="conflict"``).
         normalized: also rescale channels that only feed a normalisation (exact up to its ``eps``).
-        loss_tolerance, abs_tolerance: acceptance test (float rounding only, the action is exact).
+        loss_tolerance, abs_tolerance: acceptance test (float rounding only, the action is exact):
+            ``|L_i - L_i*| <= loss_tolerance |L_i*| + abs_tolerance``. ``loss_tolerance="auto"`` (the
+            default) follows the precision the task losses are computed in: ``1e-4`` in float32, one
+            step ``eps`` of the autocast dtype's resolution under ``"bf16-mixed"`` / ``"16-mixed"``
+            (:meth:`~lightning_cost.teleport.teleporter.Teleporter.resolved_loss_tolerance`); a number
+            is used as given.
         probes: Rademacher probes of the Hutchinson estimate of ``diag H`` (``objective="flatness"``).
     """
 
@@ -56,7 +61,7 @@ class RescaleConfig:
     lr: float = 0.1
     temperature: float = 0.05
     normalized: bool = False
-    loss_tolerance: float = 1e-4
+    loss_tolerance: float | Literal["auto"] = "auto"
     abs_tolerance: float = 1e-7
     probes: int = 8
 
@@ -68,7 +73,7 @@ class RescaleConfig:
         check_float("lr", self.lr, positive=True)
         check_float("temperature", self.temperature, positive=True)
         check_bool("normalized", self.normalized)
-        check_float("loss_tolerance", self.loss_tolerance, minimum=0.0)
+        check_tolerance("loss_tolerance", self.loss_tolerance)
         check_float("abs_tolerance", self.abs_tolerance, minimum=0.0)
 
 

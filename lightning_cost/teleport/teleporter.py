@@ -5,7 +5,8 @@ gradients (eq. 6). A :class:`Teleporter` only implements :meth:`Teleporter.move`
 write it into the weights in place); :meth:`Teleporter.teleport` wraps it in the transaction every
 teleporter shares: the weights before are in a :class:`~lightning_cost.teleport.evaluation.Snapshot`;
 a move that raises :class:`TeleportRejected`, leaves non-finite weights, or changes a task loss by more
-than ``loss_tolerance * |L_i*| + abs_tolerance`` is undone bit for bit.
+than ``loss_tolerance * |L_i*| + abs_tolerance`` is undone bit for bit. ``loss_tolerance="auto"``
+follows the precision the task losses are computed in (:meth:`Teleporter.resolved_loss_tolerance`).
 """
 
 from __future__ import annotations
@@ -14,15 +15,23 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from lightning_cost._precision import AUTO, rounding_tolerance
 from lightning_cost.teleport.evaluation import Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.records import TeleportRecord
 
-__all__ = ["Move", "TeleportProblem", "TeleportRejected", "Teleporter"]
+__all__ = ["LOSS_TOLERANCE_FLOOR", "LOSS_TOLERANCE_UNITS", "Move", "TeleportProblem", "TeleportRejected", "Teleporter"]
+
+#: ``loss_tolerance="auto"`` where the losses are computed in float32 or finer: the float rounding of
+#: an exact move, with room to spare
+LOSS_TOLERANCE_FLOOR = 1e-4
+#: ``loss_tolerance="auto"`` in a coarser dtype: this many steps ``eps`` of its relative resolution
+#: (:meth:`Teleporter.resolved_loss_tolerance` says why one)
+LOSS_TOLERANCE_UNITS = 1.0
 
 
 class TeleportRejected(Exception):
@@ -84,8 +93,28 @@ class Teleporter(ABC):
     #: callback applies its accepted attempts as it applies a teleport that moved (transfer, dropped step)
     control: bool = False
 
-    def __init__(self, loss_tolerance: float, abs_tolerance: float) -> None:
+    def __init__(self, loss_tolerance: float | Literal["auto"], abs_tolerance: float) -> None:
         self.loss_tolerance, self.abs_tolerance = loss_tolerance, abs_tolerance
+
+    def resolved_loss_tolerance(self, problem: TeleportProblem) -> float:
+        """The relative tolerance of the acceptance test: ``loss_tolerance`` when it is a number, else
+        (``"auto"``) ``max(LOSS_TOLERANCE_FLOOR, LOSS_TOLERANCE_UNITS * eps)``, ``eps`` the relative
+        resolution (``torch.finfo(dtype).eps``) of the dtype the task losses are computed in
+        (:meth:`~lightning_cost.teleport.evaluation.TaskLossEvaluator.compute_dtype`: the trainer's
+        autocast dtype under ``"bf16-mixed"`` / ``"16-mixed"``).
+
+        Why one ``eps``: under autocast every matmul or convolution output is rounded to the dtype, a
+        relative error of up to ``eps / 2`` per value, and moving the weights (even exactly along a
+        symmetry) changes how each value rounds. A task loss is a mean over many such values whose
+        round-to-nearest errors are unbiased and mostly cancel, so each evaluation of a loss is off by
+        about one rounding, ``eps / 2``, at most; the drift compares two evaluations (before and after
+        the move), each with its own, hence ``2 * eps / 2 = eps``. In float32 that is far below the
+        floor, which is kept; a loss that moves by more than one step of the dtype's resolution has
+        moved for a reason other than rounding, so non-preserving moves are still rejected.
+        """
+        if self.loss_tolerance != AUTO:
+            return float(self.loss_tolerance)
+        return rounding_tolerance(LOSS_TOLERANCE_FLOOR, problem.evaluator.compute_dtype(), LOSS_TOLERANCE_UNITS)
 
     def setup(self, module: nn.Module, params: Sequence[nn.Parameter]) -> None:  # noqa: B027 - optional hook
         """Called once at the start of fit (fail early on a module this teleporter cannot handle)."""
@@ -99,6 +128,7 @@ class Teleporter(ABC):
         start = time.perf_counter()
         snapshot = problem.snapshot
         record.losses_before = problem.target.tolist()
+        record.loss_tolerance = self.resolved_loss_tolerance(problem)
         try:
             move = self.move(problem)
             with keep_buffers(problem.module):
@@ -118,8 +148,9 @@ class Teleporter(ABC):
         return move
 
     def _bound(self, problem: TeleportProblem) -> Tensor:
-        """The largest drift each task loss may have: ``loss_tolerance |L_i*| + abs_tolerance``."""
-        return self.loss_tolerance * problem.target.abs() + self.abs_tolerance
+        """The largest drift each task loss may have: ``loss_tolerance |L_i*| + abs_tolerance``
+        (``loss_tolerance`` resolved: :meth:`resolved_loss_tolerance`)."""
+        return self.resolved_loss_tolerance(problem) * problem.target.abs() + self.abs_tolerance
 
     def on_level_set(self, problem: TeleportProblem, losses: Tensor) -> bool:
         """Whether ``losses`` pass the acceptance test of :meth:`_verify` (finite, every drift in bound)."""
@@ -138,5 +169,6 @@ class Teleporter(ABC):
             worst = int(((losses - problem.target).abs() / bound).argmax())
             name = list(getattr(problem.module, "task_names", range(len(losses))))[worst]
             raise TeleportRejected(f"loss drift above tolerance (task {name}: {float(losses[worst]):.6g} vs "
-                                   f"{float(problem.target[worst]):.6g})")
+                                   f"{float(problem.target[worst]):.6g}, relative tolerance "
+                                   f"{self.resolved_loss_tolerance(problem):.3g})")
         return losses
