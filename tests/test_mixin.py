@@ -356,7 +356,9 @@ def test_bf16_mixed_trains_with_finite_weights():
     L.seed_everything(0)
     model = TinyMTL(k=3, method=NormalizedMean())
     run(model, steps=4, precision="bf16-mixed")
-    assert model.mtl_step.jacobian.dtype == torch.float32
+    # the Gramian engine stays on under bf16 (its first-step check follows the autocast dtype): no J formed,
+    # and the Gramian the method read is float32
+    assert model.mtl_step.jacobian is None and model.mtl_step.gramian.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
