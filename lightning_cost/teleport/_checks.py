@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from lightning_cost._precision import AUTO
+
 __all__ = ["check_bool", "check_choice", "check_float", "check_int", "check_tolerance"]
 
 
@@ -40,7 +42,7 @@ def check_float(name: str, value: Any, minimum: float | None = None, positive: b
 def check_tolerance(name: str, value: Any, allow_inf: bool = False) -> None:
     """``"auto"`` (follow the precision of the computation checked) or a real number ``>= 0``."""
     if isinstance(value, str):
-        if value != "auto":
+        if value != AUTO:
             raise ValueError(f"{name} must be 'auto' or a real number >= 0, got {value!r}")
         return
     check_float(name, value, minimum=0.0, allow_inf=allow_inf)

@@ -27,7 +27,7 @@ from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem
 from lightning_cost.teleport.transfer import StateTransfer
 from lightning_cost.teleport.trigger import ConflictTrigger
 
-__all__ = ["attempt_teleport", "lr_of", "resolve_parts"]
+__all__ = ["attempt_teleport", "flat_grad", "lr_of", "resolve_parts"]
 
 
 def attempt_teleport(module: nn.Module, params: list[nn.Parameter], optimizer: Any, evaluator: TaskLossEvaluator,
@@ -95,6 +95,15 @@ def _after_move(record: TeleportRecord, problem: TeleportProblem, snapshot: Snap
         record.after = GradientStats.of(after, trigger)
     record.sigma = transfer.after_teleport(optimizer, problem.params, displacement.float(), last_gradient,
                                            move.factors)
+
+
+def flat_grad(params: Sequence[nn.Parameter]) -> Tensor | None:
+    """The gradient of ``params`` as the last backward left it, flattened in order (eq. 12's ``g'`` when the
+    caller has no direction of its own); ``None`` when none of them has one."""
+    if all(p.grad is None for p in params):
+        return None
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
+                      for p in params])
 
 
 def lr_of(optimizer: Any, params: Sequence[nn.Parameter]) -> float:

@@ -18,11 +18,11 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_warn
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_cost.protocol import MultiTaskModule, StepRecord
 from lightning_cost.teleport._checks import check_bool, check_int
-from lightning_cost.teleport.attempt import attempt_teleport, resolve_parts
+from lightning_cost.teleport.attempt import attempt_teleport, flat_grad, resolve_parts
 from lightning_cost.teleport.evaluation import TaskLossEvaluator
 from lightning_cost.teleport.records import TeleportLog, TeleportRecord
 from lightning_cost.teleport.schedule import TeleportSchedule
@@ -190,8 +190,8 @@ class SymmetryTeleportCallback(L.Callback):
         trainer's forward context; True when it was applied (the weights moved, or a control was accepted):
         the step is then dropped."""
         g_prev = None  # eq. 12's g': HTR's share and the authors' restart rule read it
-        if self.transfer.policy in ("htr", "restart_if_opposed"):
-            g_prev = record.direction if record.direction is not None else _flat_grad(params)
+        if self.transfer.reads_last_gradient:
+            g_prev = record.direction if record.direction is not None else flat_grad(params)
         rec = TeleportRecord(step=int(trainer.global_step), epoch=int(trainer.current_epoch),
                              teleporter=self.teleporter.name, forced=forced,
                              trigger_conflicts=result.num_conflicting, transfer=self.transfer.policy)
@@ -263,14 +263,6 @@ def _teleported(pl_module: Any) -> list[nn.Parameter]:
 
 def _finite_grads(params: list[nn.Parameter]) -> bool:
     return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params)
-
-
-def _flat_grad(params: list[nn.Parameter]) -> Tensor | None:
-    """The step's gradient of ``params`` as Lightning's backward left it (``g'`` of eq. 12)."""
-    if all(p.grad is None for p in params):
-        return None
-    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
-                      for p in params])
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from lightning_cost.functional import _stack_losses
 from lightning_cost.jacobian import JacobianEngine, JacobianMode
 from lightning_cost.teleport._checks import check_bool, check_int
-from lightning_cost.teleport.attempt import attempt_teleport, resolve_parts
+from lightning_cost.teleport.attempt import attempt_teleport, flat_grad, resolve_parts
 from lightning_cost.teleport.evaluation import TaskLossEvaluator
 from lightning_cost.teleport.records import TeleportRecord
 from lightning_cost.teleport.teleporter import Teleporter
@@ -125,9 +125,9 @@ class Teleport:
         """
         params = self._prepare(model, task_losses, batches, optimizer, shared, step, epoch)
         module = cast(_TaskLossModule, self._module)
-        g_prev = self._last_gradient(params, last_gradient)  # eq. 12's g'
-        if self.transfer.policy not in ("htr", "restart_if_opposed"):
-            g_prev = None  # read by no other policy
+        g_prev = self._last_gradient(params, last_gradient)  # eq. 12's g' (checked whatever the policy)
+        if not self.transfer.reads_last_gradient:
+            g_prev = None
         rec = TeleportRecord(step=step, epoch=epoch, teleporter=self.teleporter.name, transfer=self.transfer.policy)
         attempt_teleport(module, params, optimizer, TaskLossEvaluator(module), batches, rec,
                          teleporter=self.teleporter, transfer=self.transfer, trigger=self.trigger,
@@ -192,10 +192,7 @@ class Teleport:
                 raise ValueError(f"last_gradient must be a tensor of the {size} trainable shared weights' gradient, "
                                  f"got {tuple(given.shape) if isinstance(given, Tensor) else type(given).__name__}")
             return given.detach().reshape(-1).float()
-        if all(p.grad is None for p in params):
-            return None
-        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().reshape(-1).float()
-                          for p in params])
+        return flat_grad(params)
 
 
 def teleport_once(model: nn.Module, task_losses: TaskLosses, batches: list[Any], optimizer: Any, *, shared: Shared,

@@ -62,6 +62,12 @@ class StateTransfer:
         self.pending_sigma: float | None = None
         self._warned_no_step = False
 
+    @property
+    def reads_last_gradient(self) -> bool:
+        """Whether the policy decides on eq. 12's ``g'`` (HTR's share, the authors' restart rule): the
+        callers pass the step's gradient only then."""
+        return self.policy in ("htr", "restart_if_opposed")
+
     def check_optimizer(self, optimizer: Any) -> None:
         """Refuse, before training, a policy the optimizer cannot follow (``reset_step`` with SGD)."""
         if self.policy == "reset_step" and isinstance(optimizer, torch.optim.SGD):
@@ -72,7 +78,7 @@ class StateTransfer:
                        last_gradient: Tensor | None, factors: Sequence[Tensor] | None) -> float | None:
         """Apply the policy right after an accepted move; returns ``sigma`` for ``htr`` and
         ``restart_if_opposed`` (the cosine it decided on)."""
-        if self.policy in ("htr", "restart_if_opposed"):
+        if self.reads_last_gradient:
             sigma = htr_sigma(displacement, last_gradient) if last_gradient is not None else 0.0
             if self.policy == "htr":
                 self.pending_sigma = sigma
