@@ -1,6 +1,6 @@
 """Benchmarks for lightning-cost: real data sets read from local files, models, a runner, measurements.
 
-* :mod:`benchmarks.tasks` -- :class:`TaskSpec`, masked per-task losses and metrics.
+* :mod:`benchmarks.data.tasks` -- :class:`TaskSpec`, masked per-task losses and metrics.
 * :mod:`benchmarks.data` -- Lightning DataModules: MultiMNIST-type composites, multi-label tables
   (Mulan), molecules (MoleculeNet).
 * :mod:`benchmarks.models` -- networks (shared trunk + per-task heads) and their LightningModules.
@@ -8,8 +8,8 @@
   from local copies, their models (SegNet-MTAN, 9-layer CNN, MPNN), losses, metrics and modules.
 * :mod:`benchmarks.registry` -- benchmarks by name and file formats; the default model of each.
 * :mod:`benchmarks.runner` -- the runner (``python -m benchmarks.run``): grid, cache, statistics, reports.
-* :mod:`benchmarks.conflicts` -- the per-step conflict counter (trigger ratio under both rules).
-* :mod:`benchmarks.toy`, :mod:`benchmarks.teleport_stats`, :mod:`benchmarks.perf` -- the 2-D toy,
+* :mod:`benchmarks.runner.conflicts` -- the per-step conflict counter (trigger ratio under both rules).
+* :mod:`benchmarks.toy`, :mod:`benchmarks.teleport.stats`, :mod:`benchmarks.perf` -- the 2-D toy,
   the teleport statistics (Fig. 5a, Fig. 8) and the performance measurements.
 
 :func:`make_datamodule` and :func:`make_model` build a benchmark by name::
@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+from benchmarks.data.tasks import TaskSpec, make_task_metric, task_loss, update_task_metric
 from benchmarks.registry import (
     BENCHMARKS,
     FORMATS,
@@ -29,7 +30,6 @@ from benchmarks.registry import (
     make_model,
     module_classes,
 )
-from benchmarks.tasks import TaskSpec, make_task_metric, task_loss, update_task_metric
 
 __all__ = [
     "TaskSpec",

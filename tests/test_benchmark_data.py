@@ -21,8 +21,8 @@ from benchmarks.data import (
     make_multimnist_composites,
     split_indices,
 )
+from benchmarks.data.tasks import TaskSpec, make_task_metric, task_loss, task_losses, update_task_metric
 from benchmarks.models import MultiTaskNet, fingerprint_mlp, lenet_multimnist, mlp_multilabel
-from benchmarks.tasks import TaskSpec, make_task_metric, task_loss, task_losses, update_task_metric
 
 DATA = default_data_root()
 MNIST = DATA / "mnist.npz"

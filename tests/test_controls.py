@@ -8,8 +8,8 @@ import torch
 from mtl_models import TinyMTL
 from teleport_helpers import fit
 
-from benchmarks.controls import RandomMove, RandomMoveConfig, build_control
 from lightning_cost import SymmetryTeleportCallback
+from lightning_cost.teleport import RandomMove, RandomMoveConfig, build_control
 
 
 class Record(L.Callback):

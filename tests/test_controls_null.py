@@ -13,8 +13,7 @@ import torch
 from mtl_models import TinyMTL
 from teleport_helpers import fit
 
-import benchmarks.controls
-from benchmarks.controls import DropSteps
+import lightning_cost.teleport
 from benchmarks.runner.variants import (
     DEFAULT_COST_VARIANTS,
     build_teleport,
@@ -30,6 +29,7 @@ from lightning_cost.teleport import (
     build_teleporter,
     reset_step_count,
 )
+from lightning_cost.teleport.controls import DropSteps
 
 B1, B2, LR, EPS = 0.9, 0.999, 1e-2, 1e-8  # TinyMTL's Adam
 AT = 2  # the forced teleport's step (every=4: step % 4 == 2)
@@ -162,7 +162,7 @@ def test_null_htr_with_sgd_restarts_the_momentum():
 def test_names_and_bad_names():
     assert isinstance(build_teleporter("null"), NullTeleporter)
     tele = SymmetryTeleportCallback(teleporter={"name": "random_move", "relative_size": 0.02})
-    assert isinstance(tele.teleporter, RandomMove) and benchmarks.controls.RandomMove is RandomMove
+    assert isinstance(tele.teleporter, RandomMove) and lightning_cost.teleport.RandomMove is RandomMove
     assert SymmetryTeleportCallback(teleporter="null", transfer="transport").transfer.policy == "transport"
     with pytest.raises(ValueError, match="unknown teleporter 'nul'; available: .*null"):
         SymmetryTeleportCallback(teleporter="nul")

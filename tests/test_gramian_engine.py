@@ -70,8 +70,8 @@ def test_fingerprint_mlp_takes_the_gram_path_by_the_cost_rule(k):
 
 @pytest.mark.parametrize("path", ["gram", "auto"])
 def test_lenet_convolutions(path):
+    from benchmarks.data.tasks import TaskSpec
     from benchmarks.models import lenet_multimnist
-    from benchmarks.tasks import TaskSpec
 
     torch.manual_seed(0)
     trunk = lenet_multimnist([TaskSpec.multiclass("a", 10)], in_shape=(1, 28, 28)).trunk

@@ -35,7 +35,7 @@ def test_sample_sphere_has_the_radius_and_is_seeded():
 
 
 def test_relative_drift_penalty_and_ascent_direction_hand_cases():
-    from lightning_cost.teleport.objective import ascent_direction, relative_drift_penalty
+    from lightning_cost.teleport.lora.objective import ascent_direction, relative_drift_penalty
 
     losses, target = torch.tensor([1.01, 2.0, 0.5]), torch.tensor([1.0, 2.0, 0.5])
     assert relative_drift_penalty(losses, target, 0.01).item() == pytest.approx(1 / 3, rel=1e-4)  # 1 % drift -> 1

@@ -12,8 +12,8 @@ from torch.func import functional_call, hessian
 
 from lightning_cost import SymmetryTeleportCallback
 from lightning_cost.teleport import RescaleSymmetry
-from lightning_cost.teleport.flatness import ScaledHessianTrace, hessian_diagonal
-from lightning_cost.teleport.rescale import RescaleConfig
+from lightning_cost.teleport.symmetry.flatness import ScaledHessianTrace, hessian_diagonal
+from lightning_cost.teleport.symmetry.rescale import RescaleConfig
 
 
 def _exact_hessian(trunk, names, shapes, loss_of_output, x):

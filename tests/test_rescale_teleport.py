@@ -11,7 +11,7 @@ from torch import nn
 
 from lightning_cost import SymmetryTeleportCallback
 from lightning_cost.teleport import NoSymmetryError, RescaleSymmetry
-from lightning_cost.teleport.rescale import ScaledGramian
+from lightning_cost.teleport.symmetry.rescale import ScaledGramian
 
 
 def _plain_jacobian(model, batch):

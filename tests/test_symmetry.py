@@ -1,4 +1,4 @@
-"""Exact rescaling symmetries (lightning_cost.teleport.symmetry), measured from outside.
+"""Exact rescaling symmetries (lightning_cost.teleport.symmetry.groups), measured from outside.
 
 Invariance is checked by running the network before and after ``apply_``; gradients by plain
 autograd at both points; factors against ones built by hand from ``exp(log_scales)``.
@@ -17,11 +17,11 @@ from mtl_models import regression_data
 from torch import Tensor, nn
 from torchvision.models import resnet18
 
+from benchmarks.data.tasks import TaskSpec
 from benchmarks.models import MultiTaskNet, fingerprint_mlp, lenet_multimnist, make_heads, mlp, mlp_multilabel
 from benchmarks.paper.models import segnet_mtan
 from benchmarks.paper.tasks import depth_task, segmentation_task
-from benchmarks.tasks import TaskSpec
-from lightning_cost.teleport.symmetry import NoSymmetryError, RescaleSymmetry, ScaleGroup
+from lightning_cost.teleport.symmetry.groups import NoSymmetryError, RescaleSymmetry, ScaleGroup
 
 LOG4 = math.log(4.0)
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}

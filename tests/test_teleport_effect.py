@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import teleport_effect
+from benchmarks.teleport import effect as teleport_effect
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from benchmarks import teleport_stats  # noqa: E402
 from benchmarks.data import default_data_root  # noqa: E402
+from benchmarks.teleport import stats as teleport_stats  # noqa: E402
 
 
 def test_two_datasets_both_rules_forced_teleports(tmp_path: Path) -> None:
@@ -55,7 +55,7 @@ def test_conflict_counter_counts_both_rules_from_j_or_its_gramian() -> None:
 
     import torch
 
-    from benchmarks.conflicts import ConflictCounter
+    from benchmarks.runner.conflicts import ConflictCounter
 
     counter = ConflictCounter()
     cases = [torch.tensor([[4.0, 4.0], [-1.0, 0.0], [0.0, -1.0]]), torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])]

@@ -24,7 +24,7 @@ from benchmarks.toy import (
     toy_losses,
 )
 from lightning_cost import SymmetryTeleportCallback
-from lightning_cost.teleport.adapter import TeleportAdapter
+from lightning_cost.teleport.lora.adapter import TeleportAdapter
 
 
 def _losses(x1: float, x2: float, l1_scale: float = 1.0) -> list[float]:

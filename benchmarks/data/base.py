@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.tasks import TaskSpec
+from benchmarks.data.tasks import TaskSpec
 
 __all__ = [
     "DATA_ENV_VAR",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from benchmarks.data.base import LAYOUT, MultiTaskDataModule, resolve_data_path, safe_task_names
-from benchmarks.tasks import TaskSpec
+from benchmarks.data.tasks import TaskSpec
 
 __all__ = ["make_multimnist_composites", "MultiMNISTDataModule"]
 

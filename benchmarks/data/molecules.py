@@ -27,7 +27,7 @@ from benchmarks.data.base import (
     safe_task_names,
     split_indices,
 )
-from benchmarks.tasks import TaskSpec
+from benchmarks.data.tasks import TaskSpec
 
 __all__ = ["read_molecule_csv", "morgan_fingerprints", "most_labelled_columns", "MoleculeDataModule"]
 

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from benchmarks.data.base import MultiTaskDataModule, resolve_data_path, safe_task_names, split_indices
-from benchmarks.tasks import TaskSpec
+from benchmarks.data.tasks import TaskSpec
 
 __all__ = ["MultiLabelDataModule"]
 

@@ -21,8 +21,8 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from benchmarks.data.tasks import TaskSpec, make_task_metric, task_loss
 from benchmarks.models.networks import MultiTaskNet
-from benchmarks.tasks import TaskSpec, make_task_metric, task_loss
 from lightning_cost.mixin import MultiTaskMixin
 
 __all__ = ["MTLBenchModule", "SingleTaskModule", "build_module", "make_lr_scheduler"]

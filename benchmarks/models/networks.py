@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from benchmarks.tasks import TaskSpec
+from benchmarks.data.tasks import TaskSpec
 
 __all__ = [
     "MultiTaskNet",

@@ -75,8 +75,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 
 from benchmarks.data.base import DATA_ENV_VAR, MultiTaskDataModule, default_data_root, safe_task_names
+from benchmarks.data.tasks import TaskSpec
 from benchmarks.paper.tasks import attribute_task, depth_task, normal_task, segmentation_task
-from benchmarks.tasks import TaskSpec
 
 __all__ = [
     "DenseNpyDataModule",

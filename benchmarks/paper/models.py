@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmarks.data.tasks import TaskSpec
 from benchmarks.models.networks import MultiTaskNet, make_heads
 from benchmarks.paper.tasks import DENSE_METRICS
-from benchmarks.tasks import TaskSpec
 
 __all__ = ["SegNetTrunk", "DenseHead", "segnet_mtan", "celeba_cnn", "qm9_mpnn", "QM9Trunk"]
 

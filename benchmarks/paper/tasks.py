@@ -1,6 +1,6 @@
 """Losses and metrics of the paper's benchmarks (CityScapes, NYUv2, CelebA, QM9; COST paper Sec. 5).
 
-The tasks are ordinary :class:`~benchmarks.tasks.TaskSpec`\\ s; what makes them "paper tasks" is the
+The tasks are ordinary :class:`~benchmarks.data.tasks.TaskSpec`\\ s; what makes them "paper tasks" is the
 ``metric`` field, which selects the loss and the set of reported metrics here:
 
 ==================  ===============================  =====================================================
@@ -18,8 +18,8 @@ The tasks are ordinary :class:`~benchmarks.tasks.TaskSpec`\\ s; what makes them 
                     normal is not all zero            (up, fraction of pixels below the angle)
 ``"f1"``            BCE with logits                   ``f1`` (up): torchmetrics ``BinaryF1Score`` at 0.5
 (binary attribute)                                    on the sigmoid (the CelebA metric of FairGrad/FAMO)
-anything else       :func:`benchmarks.tasks.task_loss`  the spec's own metric
-                                                      (:func:`benchmarks.tasks.make_task_metric`)
+anything else       :func:`benchmarks.data.tasks.task_loss`  the spec's own metric
+                                                      (:func:`benchmarks.data.tasks.make_task_metric`)
 ==================  ===============================  =====================================================
 
 All errors and fractions are accumulated over every valid pixel of the evaluated split (a
@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassJaccardIndex
 
-from benchmarks.tasks import TaskSpec, make_task_metric, task_loss
+from benchmarks.data.tasks import TaskSpec, make_task_metric, task_loss
 
 __all__ = [
     "DENSE_METRICS",
@@ -121,7 +121,7 @@ def _as_map(target: Tensor, channels: int) -> Tensor:
 
 
 def _zero(pred: Tensor) -> Tensor:
-    """A zero loss that keeps a graph to the parameters (see :func:`benchmarks.tasks.task_loss`)."""
+    """A zero loss that keeps a graph to the parameters (see :func:`benchmarks.data.tasks.task_loss`)."""
     return (pred * 0).sum()
 
 

@@ -11,9 +11,9 @@ import lightning as L
 import torch
 
 from benchmarks.common import finite_mean, quiet, quiet_trainer
-from benchmarks.conflicts import ConflictCounter
 from benchmarks.perf.levers import module_and_data
 from benchmarks.runner.config import RunnerConfig
+from benchmarks.runner.conflicts import ConflictCounter
 
 __all__ = ["bench_agreement"]
 
@@ -78,9 +78,9 @@ def _synthetic(k: int = 4, n: int = 4096, d: int = 16, width: int = 2, seed: int
     on ~80 %)."""
     from torch.utils.data import DataLoader, TensorDataset
 
+    from benchmarks.data.tasks import TaskSpec
     from benchmarks.models import MultiTaskNet, make_heads, mlp
     from benchmarks.models.modules import MTLBenchModule
-    from benchmarks.tasks import TaskSpec
 
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g)

@@ -141,8 +141,8 @@ class BenchMTL(MultiTaskMixin, L.LightningModule):
 
 
 def lenet_parts(k: int) -> tuple[nn.Module, nn.ModuleList]:
+    from benchmarks.data.tasks import TaskSpec
     from benchmarks.models import lenet_multimnist
-    from benchmarks.tasks import TaskSpec
 
     net = lenet_multimnist([TaskSpec.multiclass(f"t{i}", 10) for i in range(k)], in_shape=(1, 28, 28))
     return net.trunk, nn.ModuleList(list(net.heads.values()))

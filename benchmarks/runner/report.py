@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.conflicts import RULES
+from benchmarks.runner.conflicts import RULES
 from benchmarks.runner.stats import EFFECT_KEYS
 
 __all__ = ["row_label", "summary_columns", "metric_columns", "wrap_columns", "print_tables", "write_reports"]

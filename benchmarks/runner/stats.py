@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import finite_mean, finite_median
-from benchmarks.conflicts import RULES
+from benchmarks.runner.conflicts import RULES
 
 __all__ = ["t_interval", "mean_std", "run_delta_m", "paired_difference", "teleport_effect", "teleports_before_best",
            "summarize"]

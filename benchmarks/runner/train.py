@@ -27,8 +27,8 @@ import lightning as L
 import torch
 
 from benchmarks.common import quiet
-from benchmarks.conflicts import RULES, ConflictCounter
 from benchmarks.runner.config import RunnerConfig
+from benchmarks.runner.conflicts import RULES, ConflictCounter
 from benchmarks.runner.stats import teleports_before_best
 from benchmarks.runner.variants import build_teleport, teleport_counts, teleport_records
 from lightning_cost import TrainingStalledError

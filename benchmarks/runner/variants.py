@@ -136,13 +136,13 @@ def build_teleport(spec: Mapping[str, Any], seed: int) -> Any:
     ``trigger``, ``schedule``, ``transfer``, ``teleport_batches``, ...); the callback validates them.
     The control teleporters are teleporters of the library's registry (``{"name": "null"}``,
     ``{"name": "random_move", "relative_size": ...}``); ``control_of`` is dropped. Two callback controls
-    (:mod:`benchmarks.controls`) are presets too: ``{"control": "drop_step"}`` or ``"reset_state"`` at
+    (:mod:`lightning_cost.teleport.controls`) are presets too: ``{"control": "drop_step"}`` or ``"reset_state"`` at
     the steps ``schedule.every`` forces.
     """
     from lightning_cost import SymmetryTeleportCallback
 
     if "control" in spec:
-        from benchmarks.controls import build_control
+        from lightning_cost.teleport.controls import build_control
 
         return build_control(spec["control"], every=int(spec.get("schedule", {}).get("every", 0)))
     args = {k: v for k, v in spec.items() if k != CONTROL_OF}

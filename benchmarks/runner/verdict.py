@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import load_json, write_json
-from benchmarks.conflicts import RULES
+from benchmarks.runner.conflicts import RULES
 from benchmarks.runner.report import row_label
 from benchmarks.runner.stats import mean_std, paired_difference, summarize
 

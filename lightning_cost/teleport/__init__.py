@@ -1,21 +1,33 @@
-"""COST's teleport in parts: when (trigger, schedule), how (teleporters, and the null / random-move
-controls), after (state transfer), records."""
+"""COST's teleport in parts: when (trigger, schedule), how (the exact rescaling in :mod:`.symmetry`, the
+paper's LoRA move in :mod:`.lora`, and the null / random-move controls), after (state transfer), records."""
 
-from lightning_cost.teleport.adapter import TeleportAdapter
 from lightning_cost.teleport.attempt import attempt_teleport
 from lightning_cost.teleport.callback import SymmetryTeleportCallback
+from lightning_cost.teleport.controls import CONTROLS, DropSteps, ResetState, build_control
 from lightning_cost.teleport.evaluation import DROPOUT_LAYERS, Snapshot, TaskLossEvaluator, keep_buffers
 from lightning_cost.teleport.htr import apply_htr, htr_sigma
 from lightning_cost.teleport.loop import Teleport, teleport_once
-from lightning_cost.teleport.lora import LoRAConfig, LoRATeleporter
+from lightning_cost.teleport.lora import (
+    LoRAConfig,
+    LoRATeleporter,
+    TeleportAdapter,
+    balance_ratios,
+    loss_invariance,
+    sample_sphere,
+    sharpness,
+)
 from lightning_cost.teleport.null import NullConfig, NullTeleporter
-from lightning_cost.teleport.objective import balance_ratios, loss_invariance, sample_sphere, sharpness
 from lightning_cost.teleport.random_move import RandomMove, RandomMoveConfig
 from lightning_cost.teleport.records import GradientStats, TeleportLog, TeleportRecord
 from lightning_cost.teleport.registry import TELEPORTERS, build_teleporter, teleporter_class
-from lightning_cost.teleport.rescale import RescaleConfig, RescaleTeleporter
 from lightning_cost.teleport.schedule import TeleportSchedule
-from lightning_cost.teleport.symmetry import NoSymmetryError, RescaleSymmetry, ScaleGroup
+from lightning_cost.teleport.symmetry import (
+    NoSymmetryError,
+    RescaleConfig,
+    RescaleSymmetry,
+    RescaleTeleporter,
+    ScaleGroup,
+)
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem, TeleportRejected
 from lightning_cost.teleport.transfer import TRANSFERS, StateTransfer, reset_step_count
 from lightning_cost.teleport.trigger import (
@@ -26,6 +38,10 @@ from lightning_cost.teleport.trigger import (
 )
 
 __all__ = [
+    "CONTROLS",
+    "DropSteps",
+    "ResetState",
+    "build_control",
     "DROPOUT_LAYERS",
     "TELEPORTERS",
     "TRANSFERS",

@@ -44,7 +44,7 @@ class SymmetryTeleportCallback(L.Callback):
 
     Args:
         teleporter: ``"lora"`` (the paper's, :class:`~lightning_cost.teleport.lora.LoRATeleporter`),
-            ``"rescale"`` (an exact symmetry, :class:`~lightning_cost.teleport.rescale.RescaleTeleporter`),
+            ``"rescale"`` (an exact symmetry, :class:`~lightning_cost.teleport.symmetry.rescale.RescaleTeleporter`),
             the controls ``"null"`` (no move: the transfer and dropped step alone,
             :class:`~lightning_cost.teleport.null.NullTeleporter`) and ``"random_move"``
             (:class:`~lightning_cost.teleport.random_move.RandomMove`), a mapping

@@ -12,8 +12,8 @@ __all__ = ["TELEPORTERS", "build_teleporter", "split_spec", "teleporter_class"]
 
 #: name -> (module, teleporter class, settings class)
 _REGISTRY = {
-    "lora": ("lightning_cost.teleport.lora", "LoRATeleporter", "LoRAConfig"),
-    "rescale": ("lightning_cost.teleport.rescale", "RescaleTeleporter", "RescaleConfig"),
+    "lora": ("lightning_cost.teleport.lora.teleporter", "LoRATeleporter", "LoRAConfig"),
+    "rescale": ("lightning_cost.teleport.symmetry.rescale", "RescaleTeleporter", "RescaleConfig"),
     "null": ("lightning_cost.teleport.null", "NullTeleporter", "NullConfig"),
     "random_move": ("lightning_cost.teleport.random_move", "RandomMove", "RandomMoveConfig"),
 }

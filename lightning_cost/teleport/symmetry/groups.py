@@ -5,7 +5,7 @@ of the paper's eq. 1, here without any learned adapter): a ReLU unit ``j`` whose
 row is multiplied by ``a_j > 0`` and whose consumers' columns are divided by ``a_j`` computes the
 same function; a channel that only feeds a normalisation may be scaled freely (the norm removes
 it). :meth:`RescaleSymmetry.find` traces a module with torch.fx, finds every such scale that only
-touches the given parameters (:mod:`~lightning_cost.teleport.symmetry_graph`), and returns the
+touches the given parameters (:mod:`~lightning_cost.teleport.symmetry.graph`), and returns the
 diagonal action ``theta' = t(log a) * theta``.
 
 Because ``L(T theta) = L(theta)`` for every ``theta``, per-task gradients at the new point need no
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_cost.teleport.symmetry_graph import LabelPropagator, Propagation
-from lightning_cost.teleport.symmetry_labels import FIXED
-from lightning_cost.teleport.symmetry_trace import TraceFailure, trace_with_values
+from lightning_cost.teleport.symmetry.graph import LabelPropagator, Propagation
+from lightning_cost.teleport.symmetry.labels import FIXED
+from lightning_cost.teleport.symmetry.trace import TraceFailure, trace_with_values
 
 __all__ = ["NoSymmetryError", "RescaleSymmetry", "ScaleGroup"]
 

@@ -1,6 +1,6 @@
 """How scale labels cross the parameter-free operations of a traced graph.
 
-Each rule takes the propagator (:class:`~lightning_cost.teleport.symmetry_graph.LabelPropagator`),
+Each rule takes the propagator (:class:`~lightning_cost.teleport.symmetry.graph.LabelPropagator`),
 the fx node and the node's example value, and returns the labels of the node's output. An operation
 ``f`` passes a scale on when ``f(a * x) = a * f(x)`` for every ``a > 0`` applied channelwise:
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx
 
-from lightning_cost.teleport.symmetry_labels import compress, padded
+from lightning_cost.teleport.symmetry.labels import compress, padded
 
 __all__ = ["FUNCTION_RULES", "METHOD_RULES", "Rule", "move", "pointwise", "pool"]
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from lightning_cost.distributed import all_reduce_mean
-from lightning_cost.teleport.symmetry import RescaleSymmetry
+from lightning_cost.teleport.symmetry.groups import RescaleSymmetry
 
 __all__ = ["ScaledHessianTrace", "hessian_diagonal"]
 

@@ -1,8 +1,8 @@
-"""Controls for the teleport ablation: what a teleport does besides teleporting, one piece at a time.
+"""Controls for a teleport ablation: what a teleport does besides teleporting, one piece at a time.
 
 A forced teleport (i) moves the shared weights, (ii) drops the teleporting batch's optimizer step and
 (iii) rewrites the optimizer state of the shared weights (HTR, transport, reset). To tell which piece
-changes the result, each control does one of them at the same steps (``TeleportSchedule.every``):
+changes a result, each control does one of them at the same steps (``TeleportSchedule.every``):
 
 * :class:`DropSteps`: drops the step only (the weights and the optimizer state are untouched);
 * :class:`ResetState`: forgets the optimizer state of the shared weights only (the step is taken);
@@ -12,7 +12,9 @@ changes the result, each control does one of them at the same steps (``TeleportS
 * :class:`~lightning_cost.teleport.NullTeleporter` (``teleporter="null"``): the matched control, the
   same callback without the move (dropped step + the chosen state transfer).
 
-The two teleporters live in the library (re-exported here); the callbacks below act without one.
+The two callbacks here act without a teleporter; add them to a ``Trainer`` in place of
+:class:`~lightning_cost.teleport.SymmetryTeleportCallback`. ``pl_module`` is a
+:class:`~lightning_cost.MultiTaskMixin` module (``shared_parameters()`` names the weights).
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ from typing import Any
 
 import lightning as L
 
-from lightning_cost.teleport import NullTeleporter, RandomMove, RandomMoveConfig, TeleportSchedule
+from lightning_cost.teleport.schedule import TeleportSchedule
 
-__all__ = ["CONTROLS", "DropSteps", "NullTeleporter", "RandomMove", "RandomMoveConfig", "ResetState",
-           "build_control"]
+__all__ = ["CONTROLS", "DropSteps", "ResetState", "build_control"]
 
 
 class _AtScheduledSteps(L.Callback):

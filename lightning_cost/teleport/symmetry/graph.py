@@ -1,8 +1,8 @@
 """Which channels of a traced network can be rescaled, and which parameters each scale touches.
 
 :class:`LabelPropagator` walks an fx graph whose nodes carry example values
-(:func:`~lightning_cost.teleport.symmetry_trace.trace_with_values`) and labels every tensor with the
-free scales multiplying its elements (:mod:`~lightning_cost.teleport.symmetry_labels`):
+(:func:`~lightning_cost.teleport.symmetry.trace.trace_with_values`) and labels every tensor with the
+free scales multiplying its elements (:mod:`~lightning_cost.teleport.symmetry.labels`):
 
 * a **producer** (``Linear``, ``Conv1d/2d/3d`` with ``groups == 1``, the affine of
   ``BatchNorm``/``InstanceNorm``/``LayerNorm``/``GroupNorm``/``RMSNorm``) whose parameters are all
@@ -13,7 +13,7 @@ free scales multiplying its elements (:mod:`~lightning_cost.teleport.symmetry_la
 * with ``normalized=True`` a normalisation **absorbs** the scales of its input: per channel for
   BatchNorm/InstanceNorm (the running statistics follow: ``mean * a``, ``var * a**2``), one scale per
   normalised slice for LayerNorm/GroupNorm/RMSNorm;
-* parameter-free ops pass labels on or constrain them (:mod:`~lightning_cost.teleport.symmetry_ops`);
+* parameter-free ops pass labels on or constrain them (:mod:`~lightning_cost.teleport.symmetry.ops`);
   any other reader of a rescaled tensor -- an unknown op, a layer with parameters outside the
   rescalable set, the traced module's output -- **fixes** its labels to scale 1.
 
@@ -32,9 +32,9 @@ from typing import Any, cast
 import numpy as np
 from torch import Tensor, fx, nn
 
-from lightning_cost.teleport.symmetry_labels import UnionFind, along_axis, compress, padded
-from lightning_cost.teleport.symmetry_ops import FUNCTION_RULES, METHOD_RULES, move, pointwise, pool
-from lightning_cost.teleport.symmetry_trace import MISSING, VALUE_KEY
+from lightning_cost.teleport.symmetry.labels import UnionFind, along_axis, compress, padded
+from lightning_cost.teleport.symmetry.ops import FUNCTION_RULES, METHOD_RULES, move, pointwise, pool
+from lightning_cost.teleport.symmetry.trace import MISSING, VALUE_KEY
 
 __all__ = ["Binding", "LabelPropagator", "Propagation"]
 

@@ -1,7 +1,7 @@
 """Teleport statistics: the paper's Fig. 5a (trigger ratio per epoch) and Fig. 8 (gradient norm and
 conflict before vs after each teleport), plus teleport time and loss drift, on any benchmark.
 
-    python -m benchmarks.teleport_stats [--datasets multimnist yeast tox21 qm8] [--method fairgrad]
+    python -m benchmarks.teleport.stats [--datasets multimnist yeast tox21 qm8] [--method fairgrad]
         [--epochs 2] [--force-every 25] [--out DIR]
 
 For every data set it trains ``--method`` with :class:`~lightning_cost.SymmetryTeleportCallback` under
@@ -27,8 +27,8 @@ import lightning as L
 import torch
 
 from benchmarks.common import finite_mean, quiet_trainer
-from benchmarks.conflicts import ConflictCounter
 from benchmarks.registry import make_datamodule, make_model, module_classes
+from benchmarks.runner.conflicts import ConflictCounter
 from benchmarks.runner.variants import build_teleport, deep_merge, teleport_records
 from lightning_cost.teleport.trigger import ConflictTrigger
 

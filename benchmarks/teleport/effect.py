@@ -1,6 +1,6 @@
 """What one teleport does, measured from outside the callback, with a random move of the same size as control.
 
-    python -m benchmarks.teleport_effect --models mlp3 lenet fpmlp resnet18 --teleports 10 \\
+    python -m benchmarks.teleport.effect --models mlp3 lenet fpmlp resnet18 --teleports 10 \\
         --out docs/results/teleport_effect
 
 For each model: train to a mid-training checkpoint (cached in ``OUT/checkpoints``), then, on
@@ -341,7 +341,7 @@ def merge_previous(path: Path, results: list[dict[str, Any]], command: str
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.teleport_effect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.teleport.effect", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", default=["mlp3"], choices=list(MODELS))
     p.add_argument("--teleporters", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--teleports", type=int, default=10, help="teleports (batches) per model and variant")
@@ -363,7 +363,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()
                                   if k != "control"}), flush=True)
     results, commands = merge_previous(args.out / "effect.json", results,
-                                       "python -m benchmarks.teleport_effect " + " ".join(argv or []))
+                                       "python -m benchmarks.teleport.effect " + " ".join(argv or []))
     table = summarize(results)
     (args.out / "effect.json").write_text(json.dumps({"commands": commands, "results": results, "summary": table},
                                                      indent=1))

@@ -1,6 +1,6 @@
 """A torch.fx trace whose nodes also carry their value on example inputs.
 
-The rescaling analysis (:mod:`lightning_cost.teleport.symmetry_graph`) needs the shape of every
+The rescaling analysis (:mod:`lightning_cost.teleport.symmetry.graph`) needs the shape of every
 intermediate tensor (which input columns of a ``Linear`` a flattened channel owns, which axis of a
 tensor is its channel axis) and must follow models whose ``forward`` branches on shapes
 (``if x.dim() != 4``), which a plain ``torch.fx.symbolic_trace`` refuses. :class:`ValueTracer` is

@@ -1,14 +1,14 @@
 """An exact symmetry teleport: rescale ReLU units (and, optionally, normalised channels) of the trunk.
 
 Positive rescalings ``theta' = t(s) * theta`` leave every task loss unchanged (eq. 5 holds exactly, no
-adapter is learned; :mod:`~lightning_cost.teleport.symmetry` finds them), and every per-task gradient
+adapter is learned; :mod:`~lightning_cost.teleport.symmetry.groups` finds them), and every per-task gradient
 at the new point is ``g_i / t`` (no new backward). So the log-scales ``s`` are chosen on the
 Jacobian alone: ``objective="grad_norm"`` maximises ``||g_0'||`` (eq. 6), ``objective="conflict"``
 maximises a soft minimum of ``cos(g_i', g_0')`` (clearing the eq. 4 condition). Both need only the
 ``K x K`` Gramian ``G'(s) = J diag(t^-2) J^T``, which :class:`ScaledGramian` evaluates from per-layer
 cell sums of ``J`` formed once, so each of the ``steps`` costs far less than a pass over ``J``.
 ``objective="flatness"`` instead minimises the Hessian trace of the mean task loss at the new point,
-``sum_j H_jj / t_j^2`` (:mod:`~lightning_cost.teleport.flatness`; a move toward flatter points, as in
+``sum_j H_jj / t_j^2`` (:mod:`~lightning_cost.teleport.symmetry.flatness`; a move toward flatter points, as in
 Zhao et al., ICLR 2024), from one Hutchinson estimate of ``diag H`` (``probes`` Hessian-vector products).
 """
 
@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from lightning_cost.distributed import broadcast_
 from lightning_cost.teleport._checks import check_bool, check_choice, check_float, check_int, check_tolerance
 from lightning_cost.teleport.evaluation import keep_buffers
-from lightning_cost.teleport.flatness import ScaledHessianTrace, hessian_diagonal
-from lightning_cost.teleport.symmetry import RescaleSymmetry
+from lightning_cost.teleport.symmetry.flatness import ScaledHessianTrace, hessian_diagonal
+from lightning_cost.teleport.symmetry.groups import RescaleSymmetry
 from lightning_cost.teleport.teleporter import Move, Teleporter, TeleportProblem
 
 __all__ = ["OBJECTIVES", "RescaleConfig", "RescaleTeleporter", "ScaledGramian", "scaled_objective"]
