@@ -106,8 +106,19 @@ def backward(
     strategies that need ``fabric.backward`` (DeepSpeed, FSDP) and the Gramian engine.
     """
     losses_vec, parts, names = _stack_losses(losses)
-    k = losses_vec.shape[0]
-    method_obj = _method(method, k, hparams)
+    method_obj, shared_trainable = _method(method, losses_vec.shape[0], hparams), _trainable_shared(shared)
+    shared_ids, method_params = {id(p) for p in shared_trainable}, list(method_obj.parameters())
+    others = _check_graph(losses_vec, parts, names, shared_ids, shared_ids | {id(p) for p in method_params})
+    step = _FunctionalStep(method_obj, names, shared_trainable, others, _engine(method_obj, jacobian_mode))
+    record = step.run(losses_vec, exact=method_obj.requires_jacobian or jacobian, retain_graph=retain_graph)
+    if step.drops_grads:  # a skipped step: the optimizer must leave these weights untouched
+        for p in [*shared_trainable, *others, *method_params]:
+            p.grad = None
+    return record
+
+
+def _trainable_shared(shared: Iterable[Tensor]) -> list[Tensor]:
+    """The shared tensors that require grad; a clear error for an empty or non-tensor ``shared``."""
     shared_list = [p for p in shared]
     if not shared_list:
         raise ValueError("no shared parameters were given")
@@ -117,24 +128,7 @@ def backward(
     shared_trainable = [p for p in shared_list if p.requires_grad]
     if not shared_trainable:
         raise ValueError("no shared parameter requires grad: nothing to aggregate")
-    shared_ids = {id(p) for p in shared_trainable}
-    method_params = list(method_obj.parameters())
-    excluded = shared_ids | {id(p) for p in method_params}
-    others = _check_graph(losses_vec, parts, names, shared_ids, excluded)
-
-    step = _FunctionalStep(method_obj, names, shared_trainable, others, _engine(method_obj, jacobian_mode))
-    if method_obj.requires_jacobian or jacobian:
-        out = step._mtl_exact_step(losses_vec, (), retain=retain_graph)
-    else:
-        out = step._mtl_weighting_step(losses_vec)
-    assert out is not None
-    out.backward(retain_graph=retain_graph)
-    record = step.mtl_step
-    assert record is not None
-    if step._mtl_drop_grads:  # a skipped step: the optimizer must leave these weights untouched
-        for p in [*shared_trainable, *others, *method_params]:
-            p.grad = None
-    return record
+    return shared_trainable
 
 
 class _FunctionalStep(MultiTaskStep):
@@ -163,6 +157,23 @@ class _FunctionalStep(MultiTaskStep):
 
     def _mtl_trainer(self) -> Any:
         return None
+
+    def run(self, losses: Tensor, *, exact: bool, retain_graph: bool) -> StepRecord:
+        """The mixin's step on ``losses``, backpropagated into ``.grad``: through the Jacobian when ``exact``
+        (a gradient aggregator, or a loss weighting whose Jacobian was asked for), else the weighted sum."""
+        if exact:
+            out = self._mtl_exact_step(losses, (), retain=retain_graph)
+        else:
+            out = self._mtl_weighting_step(losses)
+        assert out is not None
+        out.backward(retain_graph=retain_graph)
+        assert self.mtl_step is not None
+        return self.mtl_step
+
+    @property
+    def drops_grads(self) -> bool:
+        """Whether the step was skipped, so that no weight may move."""
+        return self._mtl_drop_grads
 
 
 def _stack_losses(losses: Tensor | Sequence[Tensor] | Mapping[str, Tensor]

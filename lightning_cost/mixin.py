@@ -152,18 +152,7 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         """
         if not isinstance(self, nn.Module):
             raise TypeError("MultiTaskMixin must be mixed into a LightningModule (an nn.Module)")
-        tasks = list(tasks)
-        if len(tasks) < 2:
-            raise ValueError(f"multi-task training needs at least 2 tasks, got {tasks}")
-        if len(set(tasks)) != len(tasks):
-            raise ValueError(f"task names must be unique, got {tasks}")
-        if max_skipped_steps is not None and (not isinstance(max_skipped_steps, int) or max_skipped_steps < 0):
-            raise ValueError(f"max_skipped_steps must be None or an int >= 0, got {max_skipped_steps!r}")
-        if engine not in ("auto", "gramian", "jacobian"):
-            raise ValueError(f"engine must be 'auto', 'gramian' or 'jacobian', got {engine!r}")
-        config = GramianConfig(**gramian) if isinstance(gramian, Mapping) else gramian
-        if config is not None and not isinstance(config, GramianConfig):
-            raise TypeError(f"gramian must be a GramianConfig or a mapping of its fields, got {type(gramian).__name__}")
+        tasks, config = _checked_settings(tasks, engine, gramian, max_skipped_steps)
         self.mtl_jacobian_engine = JacobianEngine(jacobian_mode)
         self.mtl_gramian_engine = GramianEngine(config, jacobian=self.mtl_jacobian_engine)
         self._mtl_engine = engine
@@ -174,16 +163,20 @@ class MultiTaskMixin(MultiTaskStep, RepresentationGradients):
         if engine == "gramian" and not isinstance(self.mtl_method, GramianAggregator):
             raise ValueError(f"engine='gramian' needs a Gramian method (d = J^T w(G)); {type(self.mtl_method).__name__} "
                              "reads the Jacobian itself or weights the losses: use engine='auto' or 'jacobian'")
+        self._mtl_max_skipped = max_skipped_steps
+        self._mtl_reset_step_state()
+        self._mtl_init_representation(shared)
+
+    def _mtl_reset_step_state(self) -> None:
+        """No step taken yet: no record, no skipped step, nothing requested."""
         self.mtl_step: StepRecord | None = None
         self.mtl_skipped_steps = 0
-        self._mtl_max_skipped = max_skipped_steps
         self._mtl_skip_run = 0
         self._mtl_jacobian_requested = False
         self._mtl_inside_step = False
         self._mtl_silent = False
         self._mtl_epoch_seen: int | None = None
         self._mtl_drop_grads = False
-        self._mtl_init_representation(shared)
 
     def _mtl_shared_parameter_names(self, shared: nn.Module | Iterable[nn.Parameter]) -> list[str]:
         shared_params = list(shared.parameters()) if isinstance(shared, nn.Module) else list(shared)
@@ -359,3 +352,21 @@ def _mixin_first(hook: str, user_hook: Any) -> Any:
 
     wrapped._mtl_wrapped = True  # type: ignore[attr-defined]
     return wrapped
+
+
+def _checked_settings(tasks: Sequence[str], engine: str, gramian: GramianConfig | Mapping[str, Any] | None,
+                      max_skipped_steps: int | None) -> tuple[list[str], GramianConfig | None]:
+    """``configure_multitask``'s arguments checked: the task names as a list, the Gramian engine's config."""
+    tasks = list(tasks)
+    if len(tasks) < 2:
+        raise ValueError(f"multi-task training needs at least 2 tasks, got {tasks}")
+    if len(set(tasks)) != len(tasks):
+        raise ValueError(f"task names must be unique, got {tasks}")
+    if max_skipped_steps is not None and (not isinstance(max_skipped_steps, int) or max_skipped_steps < 0):
+        raise ValueError(f"max_skipped_steps must be None or an int >= 0, got {max_skipped_steps!r}")
+    if engine not in ("auto", "gramian", "jacobian"):
+        raise ValueError(f"engine must be 'auto', 'gramian' or 'jacobian', got {engine!r}")
+    config = GramianConfig(**gramian) if isinstance(gramian, Mapping) else gramian
+    if config is not None and not isinstance(config, GramianConfig):
+        raise TypeError(f"gramian must be a GramianConfig or a mapping of its fields, got {type(gramian).__name__}")
+    return tasks, config
