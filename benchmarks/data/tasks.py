@@ -44,11 +44,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanAbsoluteError, Metric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 from torchmetrics.utilities import dim_zero_cat
+
+from lightning_cost.losses import masked_loss, present_labels
 
 __all__ = [
     "TaskKind",
@@ -137,18 +138,9 @@ def _flat_single(x: Tensor) -> Tensor:
 
 
 def present_mask(spec: TaskSpec, target: Tensor) -> Tensor:
-    """Boolean mask of the samples whose label for this task is present.
-
-    Float targets: not ``NaN``. Integer multiclass targets: ``>= 0`` (negative = missing).
-    """
-    if spec.kind != "multiclass":
-        target = _flat_single(target)
-    if target.is_floating_point():
-        mask = ~torch.isnan(target)
-        if spec.kind == "multiclass":
-            mask = mask & (target >= 0)
-        return mask
-    return target >= 0
+    """Boolean mask of the samples whose label for this task is present
+    (:func:`lightning_cost.losses.present_labels`)."""
+    return present_labels(target, spec.kind)
 
 
 def _prepare(spec: TaskSpec, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -184,20 +176,8 @@ def task_loss(spec: TaskSpec, logits: Tensor, target: Tensor, regression_loss: s
         A 0-dim tensor. With no present label it is ``(logits * 0).sum()``: zero,
         but with a grad path to the parameters (zero gradient).
     """
-    logits, target, mask = _prepare(spec, logits, target)
-    if not bool(mask.any()):
-        return (logits * 0).sum()
-    lg, tg = logits[mask], target[mask]
-    if spec.kind == "multiclass":
-        return F.cross_entropy(lg, tg.long())
-    tg = tg.to(lg.dtype)
-    if spec.kind == "binary":
-        return F.binary_cross_entropy_with_logits(lg, tg)
-    if regression_loss == "mse":
-        return F.mse_loss(lg, tg)
-    if regression_loss in ("l1", "mae"):
-        return F.l1_loss(lg, tg)
-    raise ValueError(f"unknown regression_loss {regression_loss!r} (use 'mse' or 'l1')")
+    logits, target, _ = _prepare(spec, logits, target)  # the shape checks, naming the task
+    return masked_loss(logits, target, spec.kind, regression_loss=regression_loss)  # type: ignore[arg-type]
 
 
 def task_losses(
