@@ -103,3 +103,12 @@ def test_overall_mr_is_the_mean_over_data_sets():
 def test_report_without_runs_says_how_to_make_them(tmp_path):
     text = methods_table.main(["--out", str(tmp_path), "--datasets", "yeast"])
     assert "No grid run cached yet" in text and "benchmarks/configs/methods/yeast.yaml" in text
+
+
+def test_a_method_undefined_at_this_k_says_so_in_the_table():
+    from benchmarks.runner.methods_table import why_not_run
+
+    assert why_not_run("krum", 2).startswith("undefined at K = 2") and "needs at least 3 tasks" in why_not_run("krum", 2)
+    assert "trim_number=1" in why_not_run("trimmedmean", 2)
+    assert why_not_run("krum", 6).startswith("no run finished")  # defined there: the failure was in training
+    assert why_not_run("si", 2).startswith("no run finished")  # a loss weighting: no Jacobian to probe

@@ -15,6 +15,7 @@ MR is the mean rank over the data set's metrics among the methods that have runs
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,7 +128,31 @@ def _dataset_section(name: str, summary: dict[str, Any] | None, perf: dict[str, 
             f"--datasets {name}` (details in methods_perf.md). {_machine_line(perf)}", ""]
     if summary is None:
         return head + ["No grid run cached yet: run the grid command above (finished runs are reused).", ""]
-    return head + dataset_table(summary, _perf_rows(perf, name), methods) + [""] + [f"- Note: {n}" for n in summary["notes"]] + [""]
+    k = len(summary["higher_is_better"])  # one test metric per task on these benchmarks
+    ran = {a["method"] for a in summary["agg"] if a["cost"] == "none"}
+    missing = [f"- Not run: {m}: {why_not_run(m, k)}" for m in methods if m not in ran]
+    return (head + dataset_table(summary, _perf_rows(perf, name), methods) + [""]
+            + [f"- Note: {n}" for n in summary["notes"]] + missing + [""])
+
+
+def why_not_run(method: str, k: int) -> str:
+    """Why a method has no finished run: the error it raises on a random ``K x 8`` Jacobian if it is undefined
+    at this ``K``, else a pointer to the runner's log (a failure during training)."""
+    import torch
+
+    from lightning_cost.aggregators import aggregator_class
+    from lightning_cost.aggregators.base import Aggregator
+
+    cls = aggregator_class(method)
+    if issubclass(cls, Aggregator):
+        agg = cls(**({"num_tasks": k} if "num_tasks" in inspect.signature(cls).parameters else {}))
+        try:
+            if agg.uses_losses:
+                agg.observe_losses(torch.ones(k))
+            agg.aggregate(torch.randn(k, 8, generator=torch.Generator().manual_seed(0)))
+        except ValueError as err:
+            return f"undefined at K = {k} with its defaults ({err})"
+    return "no run finished (the runner's log gives each failed run's error)"
 
 
 def methods_markdown(summaries: dict[str, dict[str, Any] | None], perf: dict[str, Any] | None,
