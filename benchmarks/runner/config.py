@@ -184,6 +184,15 @@ def build_parser():
     p = ArgumentParser(prog="python -m benchmarks.run", default_env=False,
                        description="Train any data set x method x COST variant x seeds; tables and statistics.")
     p.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    _add_grid_options(p)
+    _add_training_options(p)
+    _add_execution_options(p)
+    _add_verdict_options(p)
+    return p
+
+
+def _add_grid_options(p: Any) -> None:
+    """What the grid runs: the data set, methods, COST variants, seeds and baselines."""
     p.add_argument("--dataset", type=str, default="multimnist",
                    help="a benchmarks.BENCHMARKS name, or a format (multilabel, molecules, mnist_composite) "
                         "with data_kw path")
@@ -199,6 +208,11 @@ def build_parser():
     p.add_argument("--baseline-seeds", type=int | None, nargs="+", default=None,
                    help="seeds of the single-task baselines (default: the config file's first seed)")
     p.add_argument("--baselines", type=bool, default=True, help="train the single-task baselines")
+
+
+def _add_training_options(p: Any) -> None:
+    """How each run trains: epochs, early stopping, optimizer, loss, and the DataModule's, model's,
+    methods' and callbacks' arguments."""
     p.add_argument("--epochs", type=int, default=5, help="the most epochs a run trains")
     p.add_argument("--patience", type=int | None, default=None,
                    help="early stopping: epochs without a val/score improvement (default: none)")
@@ -215,6 +229,10 @@ def build_parser():
     p.add_argument("--method-kw", type=dict, default={}, help="{method: {hyper-parameter: value}}")
     p.add_argument("--cost-kw", type=dict, default={}, help="callback arguments shared by every COST variant")
     p.add_argument("--limit-train-batches", type=int | float | None, default=None)
+
+
+def _add_execution_options(p: Any) -> None:
+    """Where the results go and how the jobs run: threads, workers, Ray, accelerator, progress, re-runs."""
     p.add_argument("--out", type=str | None, default=None,
                    help=f"results folder (default: ${RESULTS_ENV_VAR}/<data set> or ~/.cache/lightning_cost/results/)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (of each worker)")
@@ -232,6 +250,10 @@ def build_parser():
     p.add_argument("--derive-silent", type=bool, default=True,
                    help="write a COST run that provably never acts as its base run's record instead of training it "
                         "(benchmarks.runner.derive)")
+
+
+def _add_verdict_options(p: Any) -> None:
+    """The verdict: its equivalence margin, the folders it collects, where it writes."""
     p.add_argument("--verdict-margin", type=dict | None, default=None,
                    help='the verdict\'s equivalence margin: {"delta": <Delta-m%% points>, "why": "<how it was chosen>"}')
     p.add_argument("--verdict", type=str | None, nargs="+", default=None,
@@ -239,7 +261,6 @@ def build_parser():
     p.add_argument("--verdict-out", type=str, default="docs/results/verdict")
     p.add_argument("--readme", type=str | None, default=None,
                    help="with --verdict: also write the headline table into this README, between its verdict markers")
-    return p
 
 
 def _config_files(argv: Sequence[str]) -> list[Path]:

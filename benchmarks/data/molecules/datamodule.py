@@ -1,14 +1,10 @@
-"""Molecules (MoleculeNet): a SMILES + targets CSV, Morgan fingerprints, masked missing labels."""
+"""The molecules' DataModule: a SMILES + targets CSV featurised (with a cache), split and standardised."""
 
 from __future__ import annotations
 
-import csv
-import gzip
 import hashlib
-import io
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -27,167 +23,13 @@ from benchmarks.data.base import (
     safe_task_names,
     split_indices,
 )
+from benchmarks.data.molecules.features import _murcko_scaffolds, _scaffold_split, morgan_fingerprints
+from benchmarks.data.molecules.table import most_labelled_columns, read_molecule_csv
 from benchmarks.data.tasks import TaskSpec
 
-__all__ = ["read_molecule_csv", "morgan_fingerprints", "most_labelled_columns", "MoleculeDataModule"]
+__all__ = ["MoleculeDataModule"]
 
 log = logging.getLogger(__name__)
-
-_MISSING = {"", "nan", "na", "n/a", "none", "null"}
-
-
-def _open_text(path: Path) -> io.TextIOBase:
-    with open(path, "rb") as f:
-        magic = f.read(2)
-    if magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _to_float(s: str) -> float | None:
-    """Parse a cell: a float, ``nan`` for a missing value, ``None`` if not numeric."""
-    t = s.strip()
-    if t.lower() in _MISSING:
-        return math.nan
-    try:
-        return float(t)
-    except ValueError:
-        return None
-
-
-def _numeric_column(cells: Sequence[str]) -> np.ndarray | None:
-    """A column's cells as float64 (``NaN`` for a missing value), or ``None`` if a cell is not numeric.
-    Each distinct cell is parsed once (label columns hold a handful of distinct strings)."""
-    parsed = {c: _to_float(c) for c in set(cells)}
-    if any(v is None for v in parsed.values()):
-        return None
-    return np.fromiter((parsed[c] for c in cells), dtype=np.float64, count=len(cells))
-
-
-def read_molecule_csv(
-    path: str | os.PathLike,
-    smiles_column: str | None = None,
-    targets: Sequence[str] | None = None,
-) -> tuple[list[str], list[str], np.ndarray]:
-    """Read a SMILES + targets CSV (plain or gzip).
-
-    Returns ``(smiles, target_names, Y)`` with ``Y`` float64 ``[N, K]``, ``NaN`` for
-    blank/missing cells. The SMILES column is ``smiles_column`` or the column named
-    ``smiles`` (case-insensitive); targets are ``targets`` or every other column
-    whose non-missing cells are all numeric.
-    """
-    path = Path(path)
-    with _open_text(path) as f:
-        rows = list(csv.reader(f))
-    if not rows:
-        raise ValueError(f"{path}: empty CSV")
-    header, body = [h.strip() for h in rows[0]], [r for r in rows[1:] if r]
-    lower = [h.lower() for h in header]
-    want = (smiles_column or "smiles").lower()
-    if want not in lower:
-        raise KeyError(f"{path}: no SMILES column {smiles_column or 'smiles'!r} (columns: {header})")
-    s_col = lower.index(want)
-    for i, r in enumerate(body):
-        if len(r) != len(header):
-            raise ValueError(f"{path}: row {i + 2} has {len(r)} cells, header has {len(header)}")
-    if targets is not None:
-        cols = []
-        for t in targets:
-            if t not in header:
-                raise KeyError(f"{path}: target column {t!r} not found (columns: {header})")
-            cols.append(header.index(t))
-    else:
-        cols = [j for j in range(len(header)) if j != s_col]
-    names, values = [], []
-    columns = list(zip(*body, strict=True)) if body else [()] * len(header)  # rows checked equal-length above
-    for j in cols:
-        vals = _numeric_column(columns[j])
-        if vals is None:
-            if targets is not None:
-                raise ValueError(f"{path}: target column {header[j]!r} is not numeric")
-            log.info("%s: skipping non-numeric column %r", path.name, header[j])
-            continue
-        names.append(header[j])
-        values.append(vals)
-    if not names:
-        raise ValueError(f"{path}: no numeric target column")
-    Y = np.stack(values, axis=1) if body else np.zeros((0, len(names)))
-    return [r[s_col].strip() for r in body], names, Y
-
-
-def morgan_fingerprints(
-    smiles: Sequence[str], radius: int = 2, n_bits: int = 2048, use_chirality: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Morgan (ECFP-like) bit fingerprints with RDKit.
-
-    Returns ``(fps, valid)``: ``fps`` uint8 ``[N, n_bits]`` (zeros for invalid rows)
-    and ``valid`` bool ``[N]`` (False where RDKit cannot parse the SMILES).
-    """
-    try:
-        from rdkit import Chem, RDLogger
-        from rdkit.Chem import rdFingerprintGenerator
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("MoleculeDataModule needs RDKit: pip install rdkit") from e
-    gen = rdFingerprintGenerator.GetMorganGenerator(
-        radius=int(radius), fpSize=int(n_bits), includeChirality=bool(use_chirality)
-    )
-    fps = np.zeros((len(smiles), n_bits), dtype=np.uint8)
-    valid = np.zeros(len(smiles), dtype=bool)
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        for i, s in enumerate(smiles):
-            mol = Chem.MolFromSmiles(s) if s else None
-            if mol is None:
-                continue
-            fps[i] = gen.GetFingerprintAsNumPy(mol)
-            valid[i] = True
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-    return fps, valid
-
-
-def _murcko_scaffolds(smiles: Sequence[str]) -> list[str]:
-    from rdkit import Chem, RDLogger
-    from rdkit.Chem.Scaffolds import MurckoScaffold
-
-    RDLogger.DisableLog("rdApp.*")
-    try:
-        out = []
-        for s in smiles:
-            mol = Chem.MolFromSmiles(s)
-            out.append(MurckoScaffold.MurckoScaffoldSmiles(mol=mol, includeChirality=False) if mol else "")
-        return out
-    finally:
-        RDLogger.EnableLog("rdApp.*")
-
-
-def _scaffold_split(
-    scaffolds: Sequence[str], fractions: Sequence[float], seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Balanced scaffold split (as in chemprop): whole scaffold groups go to one split;
-    groups larger than half the val/test size go first (to train), the rest in seeded random order."""
-    f = np.asarray(fractions, dtype=float) / float(np.sum(fractions))
-    n = len(scaffolds)
-    n_train, n_val = f[0] * n, f[1] * n
-    groups: dict[str, list[int]] = {}
-    for i, s in enumerate(scaffolds):
-        groups.setdefault(s, []).append(i)
-    sets = list(groups.values())
-    rng = np.random.default_rng(seed)
-    big = [s for s in sets if len(s) > f[1] * n / 2 or len(s) > f[2] * n / 2]
-    small = [s for s in sets if not (len(s) > f[1] * n / 2 or len(s) > f[2] * n / 2)]
-    order = [big[i] for i in rng.permutation(len(big))] + [small[i] for i in rng.permutation(len(small))]
-    tr: list[int] = []
-    va: list[int] = []
-    te: list[int] = []
-    for s in order:
-        if len(tr) + len(s) <= n_train:
-            tr += s
-        elif len(va) + len(s) <= n_val:
-            va += s
-        else:
-            te += s
-    return np.asarray(tr, dtype=np.int64), np.asarray(va, dtype=np.int64), np.asarray(te, dtype=np.int64)
 
 
 def _atomic_savez(path: Path, **arrays) -> None:
@@ -196,19 +38,6 @@ def _atomic_savez(path: Path, **arrays) -> None:
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
 
-
-def most_labelled_columns(Y: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` columns of ``Y`` with the most present (non-NaN) labels, in column order.
-
-    Ties (ToxCast: 57 assays share the largest count) go to the column whose rarer class has more
-    labels (for binary 0/1 labels, ``min(#1, #0)``: the assays whose ROC-AUC is best defined), then to
-    the earlier column."""
-    present = ~np.isnan(Y)
-    counts = present.sum(0)
-    ones = np.where(present, Y == 1, False).sum(0)
-    rarer = np.minimum(ones, counts - ones)
-    order = np.lexsort((np.arange(Y.shape[1]), -rarer, -counts))[: int(k)]
-    return np.sort(order)
 
 
 class MoleculeDataModule(MultiTaskDataModule):
