@@ -136,7 +136,7 @@ def primal_brute_force_2d(j: np.ndarray, c: float) -> float:
 
 
 def toy_losses(x: torch.Tensor) -> torch.Tensor:
-    """The 2-task toy problem of the CAGrad authors' code (``toy.py``), as in ``benchmarks/toy.py``."""
+    """The 2-task toy problem of the CAGrad authors' code (``toy.py``), as in ``benchmarks/toy/problem.py``."""
     lower = 5e-6
     x1, x2 = x[0], x[1]
     f1 = torch.log(torch.clamp((0.5 * (-x1 - 7) - torch.tanh(-x2)).abs(), min=lower)) + 6

@@ -1,4 +1,4 @@
-"""The 2-task toy of the COST paper's Fig. 6 (``benchmarks/toy.py``): losses, Pareto set, runner, teleport."""
+"""The 2-task toy of the COST paper's Fig. 6 (``benchmarks/toy/``): losses, Pareto set, runner, teleport."""
 
 from __future__ import annotations
 
