@@ -1,16 +1,23 @@
 """Benchmarks for lightning-cost: real data sets read from local files, models, a runner, measurements.
 
-* :mod:`benchmarks.data.tasks` -- :class:`TaskSpec`, masked per-task losses and metrics.
-* :mod:`benchmarks.data` -- Lightning DataModules: MultiMNIST-type composites, multi-label tables
-  (Mulan), molecules (MoleculeNet).
-* :mod:`benchmarks.models` -- networks (shared trunk + per-task heads) and their LightningModules.
-* :mod:`benchmarks.paper` -- the paper's data sets (CityScapes, NYUv2, CelebA, QM9; COST Sec. 5)
-  from local copies, their models (SegNet-MTAN, 9-layer CNN, MPNN), losses, metrics and modules.
-* :mod:`benchmarks.registry` -- benchmarks by name and file formats; the default model of each.
-* :mod:`benchmarks.runner` -- the runner (``python -m benchmarks.run``): grid, cache, statistics, reports.
-* :mod:`benchmarks.runner.conflicts` -- the per-step conflict counter (trigger ratio under both rules).
-* :mod:`benchmarks.toy`, :mod:`benchmarks.teleport.stats`, :mod:`benchmarks.perf` -- the 2-D toy,
-  the teleport statistics (Fig. 5a, Fig. 8) and the performance measurements.
+Entry points (each folder's opening docstring names its own):
+
+* ``python -m benchmarks.run`` -- the runner: a grid of methods x COST variants x seeds from a YAML config,
+  cached per run, with statistics, reports and the verdict (:mod:`benchmarks.runner`);
+* ``python -m benchmarks.teleport.effect`` and ``python -m benchmarks.teleport.stats`` -- what one teleport
+  does, and the paper's teleport statistics (:mod:`benchmarks.teleport`);
+* ``python -m benchmarks.perf.<name>`` -- speed and memory measurements (:mod:`benchmarks.perf`);
+* ``python -m benchmarks.toy`` -- the 2-task, 2-parameter toy of the paper's Fig. 6 (:mod:`benchmarks.toy`).
+
+Parts they share:
+
+* :mod:`benchmarks.data` -- Lightning DataModules (MultiMNIST-type composites, multi-label tables, molecules)
+  and :mod:`benchmarks.data.tasks` (:class:`TaskSpec`, masked per-task losses and metrics);
+* :mod:`benchmarks.models` -- networks (shared trunk + per-task heads) and their LightningModules;
+* :mod:`benchmarks.paper` -- the paper's data sets (CityScapes, NYUv2, CelebA, QM9; COST Sec. 5) from local
+  copies, their models, losses, metrics and modules;
+* :mod:`benchmarks.registry` -- benchmarks by name and file formats; the default model of each;
+* :mod:`benchmarks.common` -- quiet training, number and table formatting, JSON files.
 
 :func:`make_datamodule` and :func:`make_model` build a benchmark by name::
 

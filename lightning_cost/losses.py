@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSS_KINDS", "LossKind", "masked_loss", "present_labels"]
+__all__ = ["LOSS_KINDS", "LossKind", "masked_loss", "present_labels", "squeeze_column"]
 
 LossKind = Literal["multiclass", "binary", "regression"]
 LOSS_KINDS = ("multiclass", "binary", "regression")
@@ -25,7 +25,7 @@ def present_labels(target: Tensor, kind: LossKind) -> Tensor:
     """The boolean mask of the present labels: not ``NaN`` (float targets) and ``>= 0`` (class targets)."""
     _check_kind(kind)
     if kind != "multiclass":
-        target = _flat(target)
+        target = squeeze_column(target)
     if target.is_floating_point():
         mask = ~torch.isnan(target)
         if kind == "multiclass":
@@ -56,7 +56,7 @@ def masked_loss(logits: Tensor, target: Tensor, kind: LossKind, *,
         if target.dim() == 2 and target.shape[1] == 1:
             target = target[:, 0]
     else:
-        logits, target = _flat(logits), _flat(target)
+        logits, target = squeeze_column(logits), squeeze_column(target)
     if target.shape[0] != logits.shape[0]:
         raise ValueError(f"batch sizes differ: logits {logits.shape[0]}, target {target.shape[0]}")
     mask = present_labels(target, kind)
@@ -76,8 +76,8 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"kind must be one of {LOSS_KINDS}, got {kind!r}")
 
 
-def _flat(x: Tensor) -> Tensor:
-    """``[B, 1]`` -> ``[B]``; a clear error for any other shape than ``[B]``."""
+def squeeze_column(x: Tensor) -> Tensor:
+    """A one-output task's ``[B, 1]`` as ``[B]`` (``[B]`` unchanged); a clear error for any other shape."""
     if x.dim() == 2 and x.shape[1] == 1:
         return x[:, 0]
     if x.dim() != 1:

@@ -49,7 +49,7 @@ from torchmetrics import MeanAbsoluteError, Metric
 from torchmetrics.classification import BinaryAUROC, MulticlassAccuracy
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_cost.losses import masked_loss, present_labels
+from lightning_cost.losses import masked_loss, present_labels, squeeze_column
 
 __all__ = [
     "TaskKind",
@@ -128,15 +128,6 @@ class TaskSpec:
 # --------------------------------------------------------------------------- masking helpers
 
 
-def _flat_single(x: Tensor) -> Tensor:
-    """``[B, 1]`` -> ``[B]`` (binary/regression outputs and targets)."""
-    if x.dim() == 2 and x.shape[1] == 1:
-        return x[:, 0]
-    if x.dim() != 1:
-        raise ValueError(f"expected a [B] or [B, 1] tensor, got shape {tuple(x.shape)}")
-    return x
-
-
 def present_mask(spec: TaskSpec, target: Tensor) -> Tensor:
     """Boolean mask of the samples whose label for this task is present
     (:func:`lightning_cost.losses.present_labels`)."""
@@ -153,8 +144,8 @@ def _prepare(spec: TaskSpec, logits: Tensor, target: Tensor) -> tuple[Tensor, Te
         if target.dim() == 2 and target.shape[1] == 1:
             target = target[:, 0]
     else:
-        logits = _flat_single(logits)
-        target = _flat_single(target)
+        logits = squeeze_column(logits)
+        target = squeeze_column(target)
     if target.shape[0] != logits.shape[0]:
         raise ValueError(f"task {spec.name!r}: batch sizes differ ({logits.shape[0]} vs {target.shape[0]})")
     return logits, target, present_mask(spec, target)
@@ -221,7 +212,7 @@ class MaskedBinaryAUROC(BinaryAUROC):
     """
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        preds, target = _flat_single(preds), _flat_single(target)
+        preds, target = squeeze_column(preds), squeeze_column(target)
         mask = ~torch.isnan(target) if target.is_floating_point() else target >= 0
         if bool(mask.any()):
             super().update(torch.sigmoid(preds[mask].float()), target[mask].long())
@@ -248,7 +239,7 @@ class MaskedMeanAbsoluteError(MeanAbsoluteError):
         self.scale = float(scale)
 
     def update(self, preds: Tensor, target: Tensor) -> None:  # type: ignore[override]
-        preds, target = _flat_single(preds), _flat_single(target)
+        preds, target = squeeze_column(preds), squeeze_column(target)
         mask = ~torch.isnan(target)
         if bool(mask.any()):
             super().update(preds[mask].float() * self.scale, target[mask].float() * self.scale)
