@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_cost.aggregators.base import AggregationError, check_losses
 
-__all__ = ["ObservedLosses", "SeededDraws", "dual_cone_weights", "gramian_as_float64", "int_hparam", "min_norm_weights", "real_hparam",
+__all__ = ["ObservedLosses", "SeededDraws", "dual_cone_weights", "ensure_task_buffers", "size_task_buffers_for", "gramian_as_float64", "int_hparam", "min_norm_weights", "real_hparam",
            "require_nonzero_norms", "seeded_generator", "simplex_projection", "weights_like"]
 
 _NUMPY_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
@@ -116,6 +116,27 @@ class ObservedLosses:
             raise ValueError(f"{name}: observe_losses got {self._observed.shape[0]} task losses but the "
                              f"Jacobian has {k} rows")
         return self._observed
+
+
+def ensure_task_buffers(module: torch.nn.Module, k: int, shapes: dict[str, tuple[int, ...]], method: str) -> None:
+    """Allocate a stateful method's per-task buffers (``shapes``: name -> shape, ``K`` last) at the first call
+    that knows ``K``, on the buffers' device; a clear error for a later call with another ``K``."""
+    first = getattr(module, next(iter(shapes)))
+    if first.numel() == 0:
+        for name, shape in shapes.items():
+            setattr(module, name, torch.zeros(*shape, device=first.device))
+    elif first.shape[-1] != k:
+        raise ValueError(f"{method} was set up for {first.shape[-1]} tasks but got {k} losses")
+
+
+def size_task_buffers_for(module: torch.nn.Module, state_dict: dict[str, Tensor], prefix: str,
+                          names: Sequence[str]) -> None:
+    """Before a ``load_state_dict``: give the per-task buffers the saved shapes, since ``K`` may still be unknown
+    (lazy) in the receiving instance."""
+    for name in names:
+        key = prefix + name
+        if key in state_dict:
+            setattr(module, name, torch.empty_like(state_dict[key], device=getattr(module, name).device))
 
 
 def seeded_generator(seed: int | None) -> torch.Generator:

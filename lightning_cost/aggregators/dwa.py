@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_cost.aggregators._common import ensure_task_buffers, size_task_buffers_for
 from lightning_cost.aggregators.base import LossWeighting, check_losses
 
 __all__ = ["DWA"]
@@ -69,12 +70,7 @@ class DWA(LossWeighting):
         return self.loss_sum.numel() or None
 
     def _ensure(self, k: int) -> None:
-        if self.loss_sum.numel() == 0:
-            dev = self.loss_sum.device
-            self.loss_sum = torch.zeros(k, device=dev)
-            self.history = torch.zeros(2, k, device=dev)
-        elif self.loss_sum.numel() != k:
-            raise ValueError(f"DWA was set up for {self.loss_sum.numel()} tasks but got {k} losses")
+        ensure_task_buffers(self, k, {"loss_sum": (k,), "history": (2, k)}, "DWA")
 
     def task_weights(self, losses: Tensor | None = None) -> Tensor:
         """``lambda(t)`` for the current epoch (ones before two epochs have been completed)."""
@@ -125,10 +121,7 @@ class DWA(LossWeighting):
         self.num_steps.zero_()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        for name in _TASK_BUFFERS:  # K may be unknown (lazy) in the receiving instance
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        size_task_buffers_for(self, state_dict, prefix, _TASK_BUFFERS)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

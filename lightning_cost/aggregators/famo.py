@@ -25,6 +25,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from lightning_cost.aggregators._common import ensure_task_buffers, size_task_buffers_for
 from lightning_cost.aggregators.base import LossWeighting, check_losses
 
 __all__ = ["FAMO"]
@@ -125,12 +126,7 @@ class FAMO(LossWeighting):
         return self.xi.numel() or None
 
     def _ensure(self, k: int) -> None:
-        if self.xi.numel() == 0:
-            dev = self.xi.device
-            for name in _TASK_BUFFERS:
-                setattr(self, name, torch.zeros(k, device=dev))
-        elif self.xi.numel() != k:
-            raise ValueError(f"FAMO was set up for {self.xi.numel()} tasks but got {k} losses")
+        ensure_task_buffers(self, k, {name: (k,) for name in _TASK_BUFFERS}, "FAMO")
 
     def z(self) -> Tensor:
         """The task distribution ``softmax(xi)``."""
@@ -207,10 +203,7 @@ class FAMO(LossWeighting):
         self.has_prev.fill_(True)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        for name in _TASK_BUFFERS:  # K may be unknown (lazy) in the receiving instance
-            key = prefix + name
-            if key in state_dict:
-                setattr(self, name, torch.empty_like(state_dict[key], device=getattr(self, name).device))
+        size_task_buffers_for(self, state_dict, prefix, _TASK_BUFFERS)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
