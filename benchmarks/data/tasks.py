@@ -134,8 +134,8 @@ def present_mask(spec: TaskSpec, target: Tensor) -> Tensor:
     return present_labels(target, spec.kind)
 
 
-def _prepare(spec: TaskSpec, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Shape-normalise ``(logits, target)`` and return them with the present-label mask."""
+def _shaped(spec: TaskSpec, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Shape-normalise ``(logits, target)``, with errors that name the task."""
     if spec.kind == "multiclass":
         if logits.dim() != 2 or logits.shape[1] != spec.num_classes:
             raise ValueError(
@@ -148,7 +148,7 @@ def _prepare(spec: TaskSpec, logits: Tensor, target: Tensor) -> tuple[Tensor, Te
         target = squeeze_column(target)
     if target.shape[0] != logits.shape[0]:
         raise ValueError(f"task {spec.name!r}: batch sizes differ ({logits.shape[0]} vs {target.shape[0]})")
-    return logits, target, present_mask(spec, target)
+    return logits, target
 
 
 # --------------------------------------------------------------------------- losses
@@ -167,7 +167,7 @@ def task_loss(spec: TaskSpec, logits: Tensor, target: Tensor, regression_loss: s
         A 0-dim tensor. With no present label it is ``(logits * 0).sum()``: zero,
         but with a grad path to the parameters (zero gradient).
     """
-    logits, target, _ = _prepare(spec, logits, target)  # the shape checks, naming the task
+    logits, target = _shaped(spec, logits, target)  # masked_loss takes the mask itself
     return masked_loss(logits, target, spec.kind, regression_loss=regression_loss)  # type: ignore[arg-type]
 
 
@@ -276,7 +276,8 @@ def update_task_metric(metric: Metric, spec: TaskSpec, logits: Tensor, target: T
     metrics (for those, binary logits are turned into probabilities here; a plain
     regression metric sees standardised values).
     """
-    logits, target, mask = _prepare(spec, logits.detach(), target)
+    logits, target = _shaped(spec, logits.detach(), target)
+    mask = present_mask(spec, target)
     if isinstance(metric, MaskedMulticlassAccuracy | MaskedBinaryAUROC | MaskedMeanAbsoluteError):
         metric.update(logits, target)
         return
