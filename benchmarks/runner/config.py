@@ -88,6 +88,7 @@ class RunnerConfig:
     accelerator: str = "cpu"
     progress: bool | None = None
     rerun: bool = False
+    rerun_other_code: bool = False
     report_only: bool = False
     keep_checkpoints: bool = False
     derive_silent: bool = True
@@ -245,6 +246,9 @@ def _add_execution_options(p: Any) -> None:
     p.add_argument("--progress", type=bool | None, default=None,
                    help="Lightning's progress bar (default: on a terminal; one line per epoch otherwise)")
     p.add_argument("--rerun", type=bool, default=False, help="re-run runs whose results exist")
+    p.add_argument("--rerun-other-code", type=bool, default=False,
+                   help="re-run the runs whose record names no or another code version than this one "
+                        "(benchmarks.runner.provenance), so that every pair in the folder shares its code")
     p.add_argument("--report-only", type=bool, default=False, help="only rebuild the tables")
     p.add_argument("--keep-checkpoints", type=bool, default=False)
     p.add_argument("--derive-silent", type=bool, default=True,

@@ -229,6 +229,20 @@ def _todo(jobs: list[Job], rerun: bool) -> list[Job]:
     return [job for job in jobs if rerun or not _fresh(job)]
 
 
+def _drop_other_code(jobs: list[Job], console: Any) -> None:
+    """Removes the records that name no or another code version than this process's, before anything
+    is planned: the runs that read them (a COST run its base, a control its twin) then wait for their
+    retrained records instead of reading the old ones."""
+    from benchmarks.runner.provenance import provenance
+
+    code = provenance()["code"]
+    stale = [j for j in jobs if (r := load_json(j.path)) is not None and (r.get("provenance") or {}).get("code") != code]
+    for job in stale:
+        job.path.unlink()
+    if stale:
+        console.print(f"{len(stale)} records were trained by other code than {code}: they run again")
+
+
 def _record(job: Job, res: dict[str, Any], title: str) -> str:
     """Write a finished job's result (atomically) and return its one-line summary."""
     res.update({"dataset": title, "kind": job.kind, "seed": job.seed, "config": job.key,
@@ -287,6 +301,8 @@ def run_benchmark(cfg: RunnerConfig) -> dict[str, Any]:
     jobs = plan_jobs(cfg, out, [s.name for s in dm.task_specs] if cfg.baselines else [], data)
     failed: list[tuple[str, str]] = []
     if not cfg.report_only:
+        if cfg.rerun_other_code:
+            _drop_other_code(jobs, console)
         todo = _todo(jobs, cfg.rerun)
         console.print(f"[bold]{title}[/]: {len(jobs) - len(todo)} of {len(jobs)} runs already done, "
                       f"{len(todo)} to run -> {out}")

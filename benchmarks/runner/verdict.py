@@ -12,7 +12,8 @@ Each folder is one data set's runner output (``runs/*.json``, ``baselines/*.json
                                        "mr", "paired_vs_base_mean", "paired_vs_base_ci95",
                                        "paired_vs_control_mean", "paired_vs_control_ci95", "margin",
                                        "teleports_per_run", "teleports_before_best", "trigger_ratio",
-                                       "time_ratio_vs_base", "outcome"}]}}}
+                                       "time_ratio_vs_base", "outcome", "code"}],
+                             "code": {"versions": {"<fingerprint>": runs}, "unrecorded": runs}}}}
 
 ``cost`` is ``"none"`` or the COST variant; ``control_of`` the variant a control row is the matched
 control of (``null`` for the others); ``seeds`` the number of runs; confidence intervals are
@@ -20,7 +21,9 @@ control of (``null`` for the others); ``seeds`` the number of runs; confidence i
 ``teleports_before_best`` is ``{"mean", "runs_with_any", "runs"}``: accepted teleports applied before
 the selected checkpoint, mean per run, how many runs had at least one, and of how many runs it is
 known; ``trigger_ratio`` is ``{"majority": ..., "any": ...}`` (which rule it counts); undefined
-numbers are ``null``.
+numbers are ``null``; ``code`` counts the code versions
+(:mod:`benchmarks.runner.provenance`) of the folder's runs, and per row of the runs its paired
+differences read (its own, its base's, its control's).
 
 **Outcome** of a COST row (Delta-m%: lower is better; "paired" is Delta-m%(+ COST) - Delta-m%(other)
 seed by seed, with its 95 % interval). The first that holds:
@@ -57,6 +60,7 @@ from typing import Any
 
 from benchmarks.common import load_json, write_json
 from benchmarks.runner.conflicts import RULES
+from benchmarks.runner.provenance import code_versions
 from benchmarks.runner.report import row_label
 from benchmarks.runner.stats import mean_std, paired_difference, summarize
 
@@ -149,6 +153,30 @@ def _load(folder: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     return runs, bases
 
 
+def _add_code_versions(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> None:
+    """Sets each row's ``code``: the code versions of the runs its paired differences read (its own,
+    its base's and its matched control's; :func:`~benchmarks.runner.provenance.code_versions`)."""
+    for row in rows:
+        wanted = {(row["method"], row["cost"]), (row["method"], "none")}
+        if row["cost"] != "none" and not row.get("control_of"):
+            wanted |= {(r["method"], r["cost"]) for r in runs
+                       if r["method"] == row["method"] and (r.get("control_of") or "") == row["cost"]}
+        row["code"] = code_versions(r for r in runs if (r["method"], r["cost"]) in wanted)
+
+
+def _code_notes(name: str, code: dict[str, Any]) -> list[str]:
+    """A note when a folder's runs were trained by more than one code version, or by unrecorded code."""
+    n, unrecorded = len(code["versions"]), code["unrecorded"]
+    if n + (unrecorded > 0) <= 1:
+        return []
+    parts = [f"{fp} ({k} runs)" for fp, k in code["versions"].items()]
+    if unrecorded:
+        parts.append(f"unrecorded ({unrecorded} runs, trained before records named their code)")
+    return [f"{name}: the runs were trained by more than one code version: {', '.join(parts)}. A paired "
+            "difference between runs of two versions holds the code change's effect too "
+            "(`python -m benchmarks.runner.reproduce` retrains cached runs and compares them)."]
+
+
 def collect(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str, list[str]]]:
     """``({"datasets": {...}}, {data set: notes})`` from result folders (a data set in two folders: the
     later one wins). The notes say which metrics are undefined (NaN, ``null`` in the JSON) and why."""
@@ -165,8 +193,10 @@ def collect(folders: Sequence[str | Path]) -> tuple[dict[str, Any], dict[str, li
             ctrl = controls.get((a["method"], a["cost"]))
             rows.append(verdict_row(a, margin["delta"] if margin else None,
                                     paired_difference(own, ctrl) if ctrl and not a.get("control_of") else None))
-        datasets[name] = {"stl": _clean(s["baseline"]), "margin": margin, "rows": rows}
-        notes[name] = s["notes"]
+        _add_code_versions(rows, runs)
+        datasets[name] = {"stl": _clean(s["baseline"]), "margin": margin, "rows": rows,
+                          "code": code_versions([*runs, *bases])}
+        notes[name] = s["notes"] + _code_notes(name, datasets[name]["code"])
     return {"datasets": datasets}, notes
 
 

@@ -54,6 +54,7 @@ def _worker_datamodule(cfg: RunnerConfig, data_sha256: dict[str, str]) -> Any:
 def _timed_run(dm: Any, cfg: RunnerConfig, job: Any, label: str | None, ckpt_dir: Path) -> tuple[dict, float]:
     """``train_one``'s result and its seconds (a worker's start-up and queueing left out, for the time left)."""
     from benchmarks.runner.grid import base_record, derive_if_silent, resolved_spec, twin_record
+    from benchmarks.runner.provenance import provenance
     from benchmarks.runner.relative import needs_base
     from benchmarks.runner.train import train_one
 
@@ -63,9 +64,11 @@ def _timed_run(dm: Any, cfg: RunnerConfig, job: Any, label: str | None, ckpt_dir
         return copied, time.perf_counter() - t0
     base = base_record(job)
     spec = resolved_spec(job, cfg, base)
-    res = derive_if_silent(job, cfg, base, spec) or train_one(
-        dm, cfg, seed=job.seed, method=job.method, cost=job.cost, task=job.task, ckpt_dir=ckpt_dir, label=label,
-        spec=spec)
+    res = derive_if_silent(job, cfg, base, spec)
+    if res is None:  # trained here: the record says by what code (a derived one keeps its base's)
+        res = train_one(dm, cfg, seed=job.seed, method=job.method, cost=job.cost, task=job.task, ckpt_dir=ckpt_dir,
+                        label=label, spec=spec)
+        res["provenance"] = provenance()
     if spec is not None and needs_base(cfg.spec(job.cost)):
         res["resolved_schedule"] = spec.get("schedule")
     return res, time.perf_counter() - t0
