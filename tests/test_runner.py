@@ -561,10 +561,10 @@ def test_verdict_from_fabricated_folders(tmp_path: Path) -> None:
     verdict = json.loads((out / "verdict.json").read_text())
     assert set(verdict) == {"datasets"} and set(verdict["datasets"]) == {"multimnist", "birds"}
     mm = verdict["datasets"]["multimnist"]
-    assert set(mm) == {"stl", "margin", "rows"} and mm["stl"] == stl and mm["margin"] is None
+    assert set(mm) == {"stl", "margin", "rows", "code"} and mm["stl"] == stl and mm["margin"] is None
     keys = {"method", "cost", "control_of", "seeds", "delta_m_mean", "delta_m_ci95", "mr", "paired_vs_base_mean",
             "paired_vs_base_ci95", "paired_vs_control_mean", "paired_vs_control_ci95", "margin", "teleports_per_run",
-            "teleports_before_best", "trigger_ratio", "time_ratio_vs_base", "outcome"}
+            "teleports_before_best", "trigger_ratio", "time_ratio_vs_base", "outcome", "code"}
     assert all(set(r) == keys for d in verdict["datasets"].values() for r in d["rows"])
     by = {(r["method"], r["cost"]): r for r in mm["rows"]}
     # paper: accuracy x0.95/0.97/0.94 vs base x0.90/0.91/0.89, so Delta-m% drops by (5, 6, 5) points
