@@ -3,7 +3,8 @@
 Entry points (each folder's opening docstring names its own):
 
 * ``python -m benchmarks.run`` -- the runner: a grid of methods x COST variants x seeds from a YAML config,
-  cached per run, with statistics, reports and the verdict (:mod:`benchmarks.runner`);
+  cached per run, with statistics, reports and the verdict (:mod:`benchmarks.runner`), and
+  ``python -m benchmarks.runner.reproduce`` -- cached runs retrained with today's code and compared;
 * ``python -m benchmarks.teleport.effect`` and ``python -m benchmarks.teleport.stats`` -- what one teleport
   does, and the paper's teleport statistics (:mod:`benchmarks.teleport`);
 * ``python -m benchmarks.perf.<name>`` -- speed and memory measurements (:mod:`benchmarks.perf`);
