@@ -143,3 +143,37 @@ def test_the_verdict_notes_a_folder_trained_by_two_code_versions(tmp_path: Path)
     note = _code_notes("set", code_versions(runs))
     assert len(note) == 1 and "a (2 runs), b (2 runs), unrecorded (1 runs" in note[0]
     assert _code_notes("set", {"versions": {"a": 3}, "unrecorded": 0}) == []
+
+
+def test_a_record_made_from_a_base_that_changed_is_planned_again(tmp_path: Path) -> None:
+    """A derived run whose base now holds other weights, and a run whose warm-up was resolved from a
+    base checkpoint that is no longer the base's, are trained again; the rest of the cache is kept."""
+    from benchmarks.runner.config import RunnerConfig, config_from_argv
+    from benchmarks.runner.grid import _todo, plan_jobs
+
+    _need("mnist.npz")
+    out = tmp_path / "grid"
+    variants = {"paper": {}, "late": {"schedule": {"warmup_of_base_best": 0.5, "every": 2, "on_trigger": False},
+                                    "teleporter": {"name": "null"}}}  # forced attempts: trained, never derived
+    argv = [*_grid(out, "--baselines", "false", "--epochs", "2"), "--cost", "none,paper,late",
+            "--cost-variants", json.dumps(variants)]
+    runner.main(argv)
+    settings, _ = config_from_argv(argv)
+    cfg = RunnerConfig(**settings)
+
+    def todo() -> set[str]:
+        return {j.cost for j in _todo(plan_jobs(cfg, out, [], _load(out, "runs/fairgrad__cost-none__seed1.json")
+                                                ["config"]["data_sha256"]), False)}
+
+    assert todo() == set()
+    path = out / "runs/fairgrad__cost-none__seed1.json"
+    base = _load(out, "runs/fairgrad__cost-none__seed1.json")
+    late = _load(out, "runs/fairgrad__cost-late__seed1.json")
+    assert "derived_from" not in late and late["teleports"] >= 1
+    assert _load(out, "runs/fairgrad__cost-paper__seed1.json")["derived_from"] == path.name
+    path.write_text(json.dumps({**base, "weights_sha256": "0" * 64}))  # the base retrained to other weights
+    assert todo() == {"paper"}  # its best epoch is the same, so the relative warm-up still holds
+    other_best = 1 - base["best_epoch"]  # two epochs: the other one
+    path.write_text(json.dumps({**base, "best_epoch": other_best}))
+    assert late["resolved_schedule"]["warmup_steps"] != int(0.5 * (other_best + 1) * 5)
+    assert todo() == {"late"}

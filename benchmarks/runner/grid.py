@@ -218,11 +218,36 @@ def out_dir(cfg: RunnerConfig) -> Path:
 
 
 def _fresh(job: Job, since: float | None = None) -> bool:
-    """Whether ``job``'s result file holds its current cache key (written at or after ``since`` if given)."""
+    """Whether ``job``'s result file holds its current cache key (written at or after ``since`` if given)
+    and still agrees with the records it was made from (:func:`_outdated_by_source`)."""
     old = load_json(job.path)
-    if old is None or old.get("config_hash") != fingerprint(job.key):
+    if old is None or old.get("config_hash") != fingerprint(job.key) or _outdated_by_source(job, old):
         return False
     return since is None or job.path.stat().st_mtime >= since
+
+
+def _outdated_by_source(job: Job, record: dict[str, Any]) -> bool:
+    """Whether a record made from another one no longer matches it: a derived run (or a copied control)
+    whose base (or twin) now holds other weights, or a run whose warm-up, resolved from its base run's
+    checkpoint, is not what the base run's record resolves to now. The cache key cannot see this (it
+    holds settings, not other runs' results); a source that is missing says nothing."""
+    if job.kind != "run" or job.cost == "none":
+        return False
+    if "copied_from" in record:
+        twin = load_json(job.twin) if job.twin is not None else None
+        return twin is not None and twin.get("weights_sha256") != record.get("weights_sha256")
+    base = base_record(job)
+    if base is None:
+        return False
+    if "derived_from" in record and base[0].get("weights_sha256") != record.get("weights_sha256"):
+        return True
+    spec = job.key.get("cost_spec")
+    if spec is None or not (needs_base(spec) and "resolved_schedule" in record):
+        return False
+    try:
+        return resolve_warmup(spec, base[0]).get("schedule") != record["resolved_schedule"]
+    except ValueError:  # a base record too old to resolve from: nothing to compare
+        return False
 
 
 def _todo(jobs: list[Job], rerun: bool) -> list[Job]:
