@@ -61,11 +61,16 @@ def code_fingerprint(root: Path = _ROOT, parts: Iterable[str] = TRAINING_CODE) -
 
 @functools.lru_cache(maxsize=1)
 def provenance() -> dict[str, str]:
-    """``{"code": fingerprint, "torch": version, "lightning": version}`` of this process."""
+    """``{"code": fingerprint, "torch": version, "lightning": version, "cpu": ...}`` of this process; ``cpu``
+    is the machine and the vector instructions torch's CPU kernels use (other ones round differently,
+    so the same code need not give the same bits on another machine)."""
+    import platform
+
     import lightning
     import torch
 
-    return {"code": code_fingerprint(), "torch": str(torch.__version__), "lightning": str(lightning.__version__)}
+    return {"code": code_fingerprint(), "torch": str(torch.__version__), "lightning": str(lightning.__version__),
+            "cpu": f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"}
 
 
 def code_versions(records: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
