@@ -55,19 +55,19 @@ def _scratch_copy(src: Path, dst: Path) -> None:
 
 
 def _chosen(jobs: list[Any], wanted: list[tuple[str, str, int]], src: Path) -> list[Any]:
+    from benchmarks.runner.grid import fingerprint
+
     by = {(j.method, j.cost, j.seed): j for j in jobs if j.kind == "run"}
     chosen = []
     for w in wanted:
-        job = by.get(w)
+        name, job = ":".join(map(str, w)), by.get(w)
         if job is None:
-            raise ValueError(f"{':'.join(map(str, w))}: the config plans no such run")
+            raise ValueError(f"{name}: the config plans no such run")
         cached = load_json(src / "runs" / job.path.name)
         if cached is None:
-            raise ValueError(f"{':'.join(map(str, w))}: no cached record in {src / 'runs'}")
-        from benchmarks.runner.grid import fingerprint
-
+            raise ValueError(f"{name}: no cached record in {src / 'runs'}")
         if cached.get("config_hash") != fingerprint(job.key):
-            raise ValueError(f"{':'.join(map(str, w))}: the cached record has other settings than the config plans")
+            raise ValueError(f"{name}: the cached record has other settings than the config plans")
         chosen.append(job)
     return chosen
 
