@@ -29,16 +29,21 @@ def test_each_outcome() -> None:
     assert outcome(_row([-3.0, -1.0], [-2.0, -0.5], 0.5)) == "helps"
     assert outcome(_row([0.5, 2.0], None, 0.5)) == "hurts"
     assert outcome(_row([-0.4, 0.3], None, 0.5)) == "no effect"
-    assert outcome(_row([-0.4, 0.3], None, 0.5, before=(0.0, 0, 5))) == "never acted"
+    assert outcome(_row([0.0, 0.0], None, 0.5, before=(0.0, 0, 5))) == "never acted"
     assert outcome(_row([-2.0, 1.0], [-1.0, 0.5], 0.5)) == "inconclusive"
     assert outcome(_row([-0.5, 0.5], [-1.0, 0.5], 0.5)) == "no effect"  # the margin's ends count as inside
     assert outcome(_row(None, None, 0.5)) == "inconclusive"  # one seed: no interval
 
 
 def test_precedence() -> None:
-    # never acted first: a difference there is not COST's, even one above 0
-    assert outcome(_row([0.5, 2.0], None, 0.5, before=(0.0, 0, 5))) == "never acted"
-    assert outcome(_row([0.5, 2.0], None, 0.5, teleports=0.0, before=(0.0, 0, None))) == "never acted"
+    # never acted first, whatever the margin, when the runs equal their base
+    assert outcome(_row([0.0, 0.0], None, None, before=(0.0, 0, 5))) == "never acted"
+    assert outcome(_row(None, None, 0.5, teleports=0.0, before=(0.0, 0, None))) == "never acted"
+    # no teleport before the checkpoint, yet the runs differ from their base: a teleport after the run's
+    # checkpoint (and before the base's) spoiled the later epochs; that is COST acting, judged as such
+    assert outcome(_row([0.5, 2.0], None, 0.5, before=(0.0, 0, 5))) == "hurts"
+    assert outcome(_row([-0.4, 0.3], None, 0.5, before=(0.0, 0, 5))) == "no effect"
+    assert outcome({**_row([0.0, 0.0], None, 0.5, before=(0.0, 0, 5)), "paired_vs_base_mean": 0.1}) == "no effect"
     # no effect before helps and hurts: inside the margin, a significant difference does not count
     assert outcome(_row([-0.4, -0.1], [-0.3, -0.1], 0.5)) == "no effect"
     assert outcome(_row([0.1, 0.4], None, 0.5)) == "no effect"
@@ -115,7 +120,7 @@ def test_margin_in_the_config_is_validated() -> None:
                 {"delta": 1.0, "why": "w", "extra": 1}):
         with pytest.raises(ValueError):
             RunnerConfig(verdict_margin=bad)
-    for name, margin in (("yeast", True), ("birds", True), ("qm8", True), ("multimnist", False)):
+    for name, margin in (("yeast", True), ("birds", True), ("qm8", True), ("multimnist", True), ("multifashion", False)):
         cfg = RunnerConfig(**config_from_argv(["--config", str(CONFIGS / f"{name}.yaml")])[0])
         assert (cfg.verdict_margin is not None) == margin
 
@@ -148,7 +153,7 @@ def test_write_verdict_end_to_end(tmp_path: Path) -> None:
                  _run("fairgrad", "paper", s, b - 3.0 - 0.5 * s, epochs=(1, 2)),  # helps: below base and control
                  _run("fairgrad", "null", s, b + 0.1 * s, teleports=4, control_of="paper"),
                  _run("fairgrad", "rescale", s, b + (0.1, -0.1, 0.05)[s], epochs=(2,)),  # inside the margin
-                 _run("fairgrad", "authors", s, b + 4.0, epochs=(4, 5)),  # teleports only after the best epoch
+                 _run("fairgrad", "authors", s, b, epochs=(4, 5)),  # teleports only after the best epoch: the base's weights
                  _run("cagrad", "paper", s, b + 3.0 + 0.5 * s, epochs=(0,))]  # hurts
     margin = {"delta": 1.0, "why": "hand-made"}
     verdict = write_verdict([_folder(tmp_path / "toy", runs, margin)], tmp_path / "out")

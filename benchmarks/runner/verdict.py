@@ -28,8 +28,11 @@ differences read (its own, its base's, its control's).
 **Outcome** of a COST row (Delta-m%: lower is better; "paired" is Delta-m%(+ COST) - Delta-m%(other)
 seed by seed, with its 95 % interval). The first that holds:
 
-1. ``never acted``: in every run no accepted teleport came before the selected checkpoint, so the
-   tested weights never saw a teleport (whatever the interval says: a difference there is not COST's).
+1. ``never acted``: in every run no accepted teleport came before the selected checkpoint, and the
+   runs equal their base (every paired difference is 0). A run that stopped at a checkpoint before its
+   first teleport can still differ from its base: when the teleport spoiled the epochs after it, the
+   run keeps an earlier checkpoint than its base did. That is COST acting, so such a row takes the
+   rules below.
 2. ``no effect``: the data set has a margin delta and the interval against the base lies inside
    ``[-delta, +delta]``; a difference smaller than the margin does not count, significant or not.
 3. ``hurts``: the interval against the base lies above 0.
@@ -118,7 +121,8 @@ def outcome(row: dict[str, Any]) -> str | None:
     if row["cost"] == "none" or row.get("control_of"):
         return None
     tb = row.get("teleports_before_best")
-    if (tb and tb["runs"] == row["seeds"] and tb["runs_with_any"] == 0) or not row["teleports_per_run"]:
+    silent = (tb and tb["runs"] == row["seeds"] and tb["runs_with_any"] == 0) or not row["teleports_per_run"]
+    if silent and _same_as_base(row):
         return "never acted"
     base, ctrl, delta = _interval(row["paired_vs_base_ci95"]), _interval(row["paired_vs_control_ci95"]), row["margin"]
     if base and delta is not None and -delta <= base[0] and base[1] <= delta:
@@ -128,6 +132,14 @@ def outcome(row: dict[str, Any]) -> str | None:
     if base and base[1] < 0 and ctrl and ctrl[1] < 0:
         return "helps"
     return "inconclusive"
+
+
+def _same_as_base(row: dict[str, Any]) -> bool:
+    """Whether the paired differences against the base are all exactly 0 (or unknown): a run whose
+    checkpoint came before its first teleport still differs from its base when a teleport before the
+    base's checkpoint spoiled the later epochs (the teleport's doing), or when the two ran on other code."""
+    mean, ci = row.get("paired_vs_base_mean"), row.get("paired_vs_base_ci95")
+    return mean in (None, 0.0) and (ci is None or list(ci) == [0.0, 0.0])
 
 
 def _controls(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -265,7 +277,7 @@ def _statement(name: str, rows: list[dict[str, Any]], margin: dict[str, Any] | N
         return f"{name}: no COST row."
     tail = "" if margin else " No margin is set, so 'no effect' cannot be concluded here."
     if by["never acted"]:
-        tail += " Never acted: no accepted teleport came before the selected checkpoint."
+        tail += " Never acted: no accepted teleport came before the selected checkpoint, and the runs equal their base."
     return f"{name}: COST " + "; ".join(parts) + "." + tail
 
 
