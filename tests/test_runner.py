@@ -188,7 +188,7 @@ def test_verdict_configs_choose_full_sets_and_the_grid() -> None:
     for name in names:
         settings, _ = config_from_argv(["--config", str(CONFIGS / "verdict" / f"{name}.yaml")])
         cfg = RunnerConfig(**settings)
-        scheduled = ["rescale_scheduled", "flatness_scheduled"] if name in ("yeast", "birds", "tox21", "qm8") else []
+        scheduled = ["rescale_scheduled", "flatness_scheduled"] if name != "toxcast40" else []
         assert cfg.dataset == name and cfg.cost == ["none", *(v + s for v in variants + scheduled for s in ("", "_control"))]
         for v in variants + scheduled:  # each variant's matched control: the same preset, a teleporter that does not move
             control = cfg.spec(f"{v}_control")
