@@ -135,9 +135,8 @@ def outcome(row: dict[str, Any]) -> str | None:
 
 
 def _same_as_base(row: dict[str, Any]) -> bool:
-    """Whether the paired differences against the base are all exactly 0 (or unknown): a run whose
-    checkpoint came before its first teleport still differs from its base when a teleport before the
-    base's checkpoint spoiled the later epochs (the teleport's doing), or when the two ran on other code."""
+    """Whether the paired differences against the base are all exactly 0 (or unknown); rule 1 of the
+    module docstring says why a silent row must also pass this."""
     mean, ci = row.get("paired_vs_base_mean"), row.get("paired_vs_base_ci95")
     return mean in (None, 0.0) and (ci is None or list(ci) == [0.0, 0.0])
 
